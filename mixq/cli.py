@@ -1,0 +1,76 @@
+"""The `mixq` command line: `mixq compose`, `mixq stage NAME`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+import mixq  # noqa: F401  (loads OpenBLAS before mlx)
+from mixq.config import load_params
+
+log = logging.getLogger("mixq")
+
+
+def compose_params(
+    overrides: list[str], conf_dir: Path = Path("conf"), output: Path = Path("params.yaml")
+) -> None:
+    """Compose ``conf_dir`` with Hydra ``overrides`` into ``output``, exactly as `dvc exp run -S`
+    does (same DVC function, same plugin discovery, same YAML dump), then validate the result
+    against the schema; ``output`` is replaced only when it is valid."""
+    from dvc.utils.hydra import compose_and_dump
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    staged = output.with_name(output.name + ".tmp")
+    try:
+        compose_and_dump(
+            staged, str(conf_dir.resolve()), None, "config", str(Path.cwd()), overrides
+        )
+        load_params(staged)
+    except (HydraException, OmegaConfBaseException) as err:
+        raise SystemExit(f"mixq compose: invalid configuration: {describe_config_error(err)}")
+    finally:
+        if staged.exists() and sys.exc_info()[0] is not None:
+            staged.unlink()
+    staged.replace(output)
+
+
+def describe_config_error(err: Exception) -> str:
+    """One line naming the offending key, from a Hydra/OmegaConf exception chain."""
+    cause = err
+    while cause.__cause__ is not None:
+        cause = cause.__cause__
+    message = str(cause).splitlines()[0] if str(cause) else type(cause).__name__
+    key = getattr(cause, "full_key", None)
+    return f"{key}: {message}" if key and key not in message else message
+
+
+def setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+        datefmt="%H:%M:%S",
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="mixq", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("compose", help="write params.yaml from conf/ (Hydra overrides allowed)")
+    p.add_argument("overrides", nargs="*", help="e.g. quant.target_bpw=5.0 calibration=full")
+    p.add_argument("--conf", type=Path, default=Path("conf"))
+    p.add_argument("--output", type=Path, default=Path("params.yaml"))
+
+    args = parser.parse_args(argv)
+    setup_logging(args.verbose)
+    if args.command == "compose":
+        compose_params(args.overrides, args.conf, args.output)
+        log.info("wrote %s", args.output)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
