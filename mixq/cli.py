@@ -23,17 +23,15 @@ def compose_params(
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    staged = output.with_name(output.name + ".tmp")
+    staged = output.with_name(output.stem + ".staged" + output.suffix)
     try:
         compose_and_dump(
             staged, str(conf_dir.resolve()), None, "config", str(Path.cwd()), overrides
         )
         load_params(staged)
     except (HydraException, OmegaConfBaseException) as err:
+        staged.unlink(missing_ok=True)
         raise SystemExit(f"mixq compose: invalid configuration: {describe_config_error(err)}")
-    finally:
-        if staged.exists() and sys.exc_info()[0] is not None:
-            staged.unlink()
     staged.replace(output)
 
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from omegaconf import OmegaConf
+from omegaconf import MISSING, OmegaConf
 
 DOMAINS = ["prose", "reasoning", "code", "agent", "tool_call", "constraints"]
 
@@ -26,7 +26,7 @@ class ModelConfig:
     """
 
     kind: str = "embedded"
-    id: str = "smollm2-135m-instruct"
+    id: str = MISSING
     revision: Optional[str] = None
     dtype: str = "float32"
 
