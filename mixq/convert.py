@@ -1,0 +1,122 @@
+"""convert: apply a plan with mlx-lm's quantization and write a standard MLX checkpoint.
+
+The checkpoint is what stock ``mlx_lm.load`` reads: safetensors weights and ``config.json``
+whose ``quantization`` holds one ``{bits, group_size, mode}`` entry per quantized layer. What
+was written is read back and checked against the plan (every layer's bits, group size, mode,
+and the tensor bytes), so a checkpoint that disagrees with its plan never leaves this stage.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Any, Mapping
+
+import mlx.core as mx
+from mlx.utils import tree_map
+from mlx_lm.utils import load_model, quantize_model, save_config, save_model
+
+from mixq.budget import layer_bits, model_bpw
+from mixq.quantize import DTYPES
+
+log = logging.getLogger("mixq")
+
+SIDE_FILES = ("*.jinja", "tokenizer*", "special_tokens_map.json", "generation_config.json",
+              "vocab.json", "merges.txt", "*.model")
+
+
+class CheckpointMismatchError(RuntimeError):
+    """The written checkpoint does not match its plan."""
+
+
+def quantize_to_plan(model, config: dict, plan_layers: Mapping[str, Mapping], dtype: str):
+    """Cast ``model`` to ``dtype`` and quantize each layer in ``plan_layers`` (path ->
+    {bits, group_size, mode}) in place with mlx-lm; returns the quantized config."""
+    model.update(
+        tree_map(
+            lambda p: p.astype(DTYPES[dtype]) if mx.issubdtype(p.dtype, mx.floating) else p,
+            model.parameters(),
+        )
+    )
+    # mlx-lm skips any layer whose input width is not divisible by the *default* group size,
+    # whatever the predicate says: use the smallest group size of the plan as the default.
+    smallest = min(plan_layers.values(), key=lambda c: c["group_size"])
+
+    def predicate(path: str, module) -> bool | dict:
+        c = plan_layers.get(path)
+        return {"bits": c["bits"], "group_size": c["group_size"], "mode": c["mode"]} if c else False
+
+    _, qconfig = quantize_model(
+        model,
+        {**config, "torch_dtype": dtype},
+        group_size=smallest["group_size"],
+        bits=smallest["bits"],
+        mode=smallest["mode"],
+        quant_predicate=predicate,
+    )
+    return qconfig
+
+
+def write_checkpoint(
+    source_dir: Path, out_dir: Path, plan: Mapping[str, Any], table: Mapping[str, Any], dtype: str
+) -> dict:
+    """Quantize the model in ``source_dir`` to ``plan`` and write it to ``out_dir`` with a
+    ``mixq/`` sidecar (plan, sensitivity table); verify it; return the verification report."""
+    model, config = load_model(source_dir)
+    qconfig = quantize_to_plan(model, config, plan["layers"], dtype)
+    out_dir.mkdir(parents=True)
+    save_model(out_dir, model, donate_model=True)
+    save_config(qconfig, out_dir / "config.json")
+    for pattern in SIDE_FILES:
+        for f in source_dir.glob(pattern):
+            shutil.copy(f, out_dir / f.name)
+    sidecar = out_dir / "mixq"
+    sidecar.mkdir()
+    (sidecar / "plan.json").write_text(json.dumps(plan, indent=1))
+    (sidecar / "sensitivity.json").write_text(json.dumps(table, indent=1))
+    return verify_checkpoint(out_dir, plan, table, dtype)
+
+
+def verify_checkpoint(
+    ckpt_dir: Path, plan: Mapping[str, Any], table: Mapping[str, Any], dtype: str
+) -> dict:
+    """Read ``ckpt_dir`` back: every planned layer stored with its bits, group size and mode,
+    nothing else quantized, tensor bytes equal to the plan's prediction. Raises
+    :class:`CheckpointMismatchError` listing the first mismatches."""
+    from mixq.budget import dtype_bits
+
+    config = json.loads((ckpt_dir / "config.json").read_text())
+    weights = {}
+    for f in sorted(ckpt_dir.glob("*.safetensors")):
+        weights.update(mx.load(str(f)))
+    quantization = config.get("quantization", {})
+    shapes = {layer["path"]: layer["shape"] for layer in table["layers"]}
+    errors = []
+    for path, c in plan["layers"].items():
+        want = {"bits": c["bits"], "group_size": c["group_size"], "mode": c["mode"]}
+        got = {k: quantization.get(path, {}).get(k) for k in want}
+        if got != want:
+            errors.append(f"{path}: config.json says {got}, plan says {want}")
+        stored = [weights.get(f"{path}.{n}") for n in ("weight", "scales", "biases")]
+        n_bits = sum(x.nbytes * 8 for x in stored if x is not None)
+        expected = layer_bits(shapes[path], c, dtype_bits(dtype))
+        if stored[1] is None or n_bits != expected:
+            errors.append(f"{path}: stores {n_bits} bits, {c['candidate']} needs {expected}")
+    extra = [k[: -len(".scales")] for k in weights if k.endswith(".scales")]
+    extra = sorted(set(extra) - set(plan["layers"]))
+    if extra:
+        errors.append(f"quantized but not in the plan: {extra[:5]}")
+    total_bytes = sum(x.nbytes for x in weights.values())
+    predicted = model_bpw(plan, table, dtype_bits(dtype))
+    if total_bytes != predicted["weight_bytes"]:
+        errors.append(f"tensor bytes {total_bytes} != planned {predicted['weight_bytes']}")
+    if errors:
+        raise CheckpointMismatchError(
+            f"{ckpt_dir} does not match its plan ({len(errors)} problems): " + "; ".join(errors[:5])
+        )
+    report = {"weight_bytes": total_bytes, "bpw": predicted["bpw"], "layers": len(plan["layers"])}
+    log.info("verified %s: %d layers, %.3f bpw, %d bytes", ckpt_dir, report["layers"],
+             report["bpw"], total_bytes)
+    return report

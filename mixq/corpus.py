@@ -1,0 +1,158 @@
+"""Builtin calibration documents: real prose and code that ship with Python, plus generated chats.
+
+Every domain is an iterator of documents drawn from a seeded :class:`random.Random`, so
+:func:`builtin_documents` is deterministic and prefix-stable (the first ``n`` documents of a seed
+do not depend on ``count``). Prose and code come from the Python installation itself (stdlib
+docstrings and sources, licence and package metadata texts), so they change only with the
+Python version and the installed packages; the manifest's content hashes record which text was
+used.
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+import itertools
+import os
+import random
+import re
+import sysconfig
+import textwrap
+from pathlib import Path
+from typing import Callable, Iterator
+
+from mixq.corpus_chat import constraint_documents, reasoning_documents
+from mixq.corpus_tools import agent_documents, tool_call_documents
+
+# Stdlib folders that hold tests, demos, Python 2 code or vendored packages rather than library code.
+SKIPPED_STDLIB_DIRS = {
+    "__pycache__", "site-packages", "test", "tests", "idlelib", "lib2to3", "turtledemo",
+    "ensurepip", "pydoc_data",
+}
+STOPWORDS = set(
+    "the of and to a in is that for it with as be on by this are or an not from which if can "
+    "will when all its was any has have may should must they their these than other".split()
+)
+# A paragraph with such a line is a list, a table, a heading, a doctest or a code block.
+NON_PROSE_LINE = re.compile(
+    r"\s{4}|\s*(>>>|\.\.\.|[-*+]\s|\d+[.)]\s|:\w+|\w+\s+--\s|[|#=~`^]|Copyright|\S+:\s*$)"
+)
+DEFINITIONS = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)
+PROSE_WORDS = (25, 250)
+PARAGRAPHS_PER_PROSE_DOCUMENT = 4
+CODE_CHARS = (300, 4000)
+
+
+def builtin_documents(domain: str, seed: int, count: int) -> list[dict]:
+    """``count`` documents of ``domain`` for ``seed``: ``{"text"}`` for prose and code,
+    ``{"messages"}`` (and ``"tools"``) chats for the others. Prose and code return fewer
+    only when the installation has no more text."""
+    if domain not in GENERATORS:
+        raise ValueError(f"unknown calibration domain {domain!r} (known: {', '.join(GENERATORS)})")
+    rng = random.Random(f"{domain}:{seed}")
+    return list(itertools.islice(GENERATORS[domain](rng), count))
+
+
+def stdlib_sources() -> list[Path]:
+    """The standard library's own ``.py`` files (no tests, demos or site-packages), sorted."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    found = []
+    for folder, subfolders, files in os.walk(root):
+        subfolders[:] = [name for name in subfolders if name not in SKIPPED_STDLIB_DIRS]
+        found += [Path(folder, name) for name in files if name.endswith(".py")]
+    return sorted(found)
+
+
+def text_sources() -> list[Path]:
+    """Licence and package-metadata texts: Python's own and those of installed distributions."""
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    site = Path(sysconfig.get_paths()["purelib"])
+    licences = [p for p in site.glob("*.dist-info/*") if p.name.startswith(("LICEN", "COPYING"))]
+    return sorted([stdlib / "LICENSE.txt", *site.glob("*.dist-info/METADATA"), *licences])
+
+
+def is_prose(paragraph: str) -> bool:
+    """True for a mostly-English prose paragraph of reasonable length (not a list/table/code)."""
+    if any(NON_PROSE_LINE.match(line) for line in paragraph.splitlines()):
+        return False
+    words = paragraph.split()
+    if not PROSE_WORDS[0] <= len(words) <= PROSE_WORDS[1]:
+        return False
+    letters = sum(c.isalpha() or c.isspace() for c in paragraph)
+    english = sum(word.lower() in STOPWORDS for word in words)
+    return letters >= 0.85 * len(paragraph) and english >= 0.2 * len(words) and paragraph.isascii()
+
+
+@functools.lru_cache(maxsize=None)
+def prose_paragraphs(path: Path) -> tuple[str, ...]:
+    """The prose paragraphs of one source: its docstrings (``.py``) or its text, whitespace-joined."""
+    try:
+        text = path.read_text("utf-8")
+        blocks = docstrings(text) if path.suffix == ".py" else [text]
+    except (OSError, UnicodeDecodeError, SyntaxError, ValueError):
+        return ()
+    paragraphs = (textwrap.dedent(p) for block in blocks for p in re.split(r"\n\s*\n", block))
+    return tuple(" ".join(p.split()) for p in paragraphs if is_prose(p.strip("\n")))
+
+
+def docstrings(source: str) -> list[str]:
+    """The module, class and function docstrings of a Python source."""
+    tree = ast.parse(source)
+    nodes = [tree, *(n for n in ast.walk(tree) if isinstance(n, DEFINITIONS))]
+    return [doc for doc in map(ast.get_docstring, nodes) if doc]
+
+
+def prose_documents(rng: random.Random) -> Iterator[dict]:
+    """Runs of up to four prose paragraphs, one run per source, sources in seeded order."""
+    sources = stdlib_sources() + text_sources()
+    rng.shuffle(sources)
+    seen: set[str] = set()
+    for path in sources:
+        paragraphs = [p for p in prose_paragraphs(path) if p not in seen]
+        if not paragraphs:
+            continue
+        start = rng.randrange(max(1, len(paragraphs) - PARAGRAPHS_PER_PROSE_DOCUMENT + 1))
+        run = paragraphs[start : start + PARAGRAPHS_PER_PROSE_DOCUMENT]
+        seen.update(run)
+        yield {"text": "\n\n".join(run)}
+
+
+
+@functools.lru_cache(maxsize=None)
+def code_definitions(path: Path) -> tuple[str, ...]:
+    """The functions and classes (methods included, dedented, with decorators) of one source
+    whose text is between 300 and 4000 characters."""
+    try:
+        source = path.read_text("utf-8")
+        tree = ast.parse(source)
+    except (OSError, UnicodeDecodeError, SyntaxError, ValueError):
+        return ()
+    lines = source.splitlines()
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, DEFINITIONS):
+            first = min([node.lineno, *(d.lineno for d in node.decorator_list)])
+            text = textwrap.dedent("\n".join(lines[first - 1 : node.end_lineno]))
+            if CODE_CHARS[0] <= len(text) <= CODE_CHARS[1]:
+                found.append(text)
+    return tuple(found)
+
+
+def code_documents(rng: random.Random) -> Iterator[dict]:
+    """One whole function or class per stdlib source file, files and picks in seeded order."""
+    sources = stdlib_sources()
+    rng.shuffle(sources)
+    for path in sources:
+        definitions = code_definitions(path)
+        if definitions:
+            yield {"text": rng.choice(definitions)}
+
+
+GENERATORS: dict[str, Callable[[random.Random], Iterator[dict]]] = {
+    "prose": prose_documents,
+    "reasoning": reasoning_documents,
+    "code": code_documents,
+    "agent": agent_documents,
+    "tool_call": tool_call_documents,
+    "constraints": constraint_documents,
+}

@@ -1,0 +1,116 @@
+"""The sensitivity table: measure (exact or fisher) on a prepared model and calibration set,
+and read/write it (JSON for tools, CSV for people, a heatmap PNG for eyes)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+from mlx_lm.utils import load_model
+from safetensors.numpy import load_file
+
+from mixq.budget import candidate_dict, candidate_name
+from mixq.config import MeasureConfig, QuantConfig
+from mixq.fisher import measure_fisher
+from mixq.layers import quantizable_layers, unquantized_params
+from mixq.measure import measure_exact, measurement_key
+
+log = logging.getLogger("mixq")
+
+
+def cache_root() -> Path:
+    """Where resume journals live: ``$MIXQ_CACHE`` or ``.mixq-cache`` (outside DVC outputs)."""
+    return Path(os.environ.get("MIXQ_CACHE", ".mixq-cache"))
+
+
+def measure_sensitivity(
+    model_dir: Path, calibration_dir: Path, quant: QuantConfig, cfg: MeasureConfig
+) -> dict:
+    """The sensitivity table (see :func:`write_table`) for every quantizable layer."""
+    if cfg.method not in ("exact", "fisher"):
+        raise ValueError(f"measure.method must be 'exact' or 'fisher', not {cfg.method!r}")
+    if cfg.reference not in ("auto", "float"):
+        raise ValueError(
+            f"measure.reference={cfg.reference!r}: only 'auto' and 'float' are available"
+        )
+    model, _ = load_model(model_dir)
+    tokens = load_file(str(calibration_dir / "calibration.safetensors"))["tokens"]
+    layers = quantizable_layers(model)
+    if cfg.method == "exact":
+        key = measurement_key(model_dir, tokens, quant.candidates, quant.dtype, cfg)
+        work_dir = cache_root() / "measure" / key
+        rows = measure_exact(model, tokens, quant.candidates, quant.dtype, cfg, work_dir, layers)
+    else:
+        rows = measure_fisher(model, tokens, layers, quant.candidates, quant.dtype)
+    other = unquantized_params(model, layers)
+    return {
+        "candidates": [candidate_dict(c) for c in quant.candidates],
+        "layers": [
+            {
+                "path": layer.path,
+                "kind": layer.kind,
+                "block": layer.block,
+                "shape": list(layer.shape),
+                "params": layer.params,
+                "kl": {
+                    candidate_name(c): rows[(layer.path, candidate_name(c))]
+                    for c in quant.candidates
+                    if (layer.path, candidate_name(c)) in rows
+                },
+            }
+            for layer in layers
+        ],
+        "unquantized_params": other,
+        "total_params": other + sum(layer.params for layer in layers),
+        "tokens": int(tokens.size),
+        "method": cfg.method,
+        "reference": "float",
+        "dtype": quant.dtype,
+    }
+
+
+def write_table(table: dict, out_dir: Path) -> None:
+    """``sensitivity.json``, ``sensitivity.csv`` (one row per layer x candidate) and
+    ``heatmap.png`` in ``out_dir``, written to a temporary folder and renamed at the end."""
+    from mixq.plots import plot_sensitivity_heatmap
+
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    (tmp / "sensitivity.json").write_text(json.dumps(table, indent=1))
+    with open(tmp / "sensitivity.csv", "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["layer", "kind", "params", "candidate", "kl_mean", "kl_p95", "kl_max"])
+        for layer in table["layers"]:
+            for name, kl in layer["kl"].items():
+                writer.writerow(
+                    [layer["path"], layer["kind"], layer["params"], name]
+                    + [kl["mean"], kl["p95"], kl["max"]]
+                )
+    plot_sensitivity_heatmap(table, tmp / "heatmap.png")
+    shutil.rmtree(out_dir, ignore_errors=True)
+    tmp.rename(out_dir)
+
+
+def read_table(path: Path) -> dict:
+    return json.loads(Path(path).read_text())
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    """Spearman rank correlation of two 1-D arrays (average ranks for ties)."""
+
+    def ranks(x):
+        order = np.argsort(x, kind="stable")
+        r = np.empty(len(x))
+        r[order] = np.arange(len(x))
+        for v in np.unique(x):  # average ties
+            r[x == v] = r[x == v].mean()
+        return r
+
+    ra, rb = ranks(np.asarray(a)), ranks(np.asarray(b))
+    return float(np.corrcoef(ra, rb)[0, 1])
