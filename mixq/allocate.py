@@ -18,8 +18,8 @@ import numpy as np
 from mixq.budget import (
     bits_range,
     budget_bits,
-    feasible_bpw_range,
     candidate_dict,
+    feasible_bpw_range,
     layer_bits,
     layer_choices,
     model_bpw,
@@ -43,6 +43,14 @@ class Problem(NamedTuple):
     kls: List[np.ndarray]  # predicted KL of each option
     fixed: Assignment  # protected layers
     spare: int  # bits left for upgrades once every free layer takes its cheapest option
+
+
+def measured_kl(layer: Mapping[str, Any], c: Mapping[str, Any], metric: str) -> float:
+    """The table's KL ``metric`` for ``layer`` at candidate ``c``; must be a finite number."""
+    kl = layer["kl"][c["name"]].get(metric)
+    if not isinstance(kl, (int, float)) or not math.isfinite(kl):
+        raise ValueError(f"sensitivity table: {layer['path']} {c['name']} {metric}={kl!r}")
+    return float(kl)
 
 
 def build_problem(
@@ -70,10 +78,10 @@ def build_problem(
             problem.fixed[layer["path"]] = cands[0]
         elif cands:
             priced = sorted(
-                (layer_bits(layer["shape"], c, dtype_bits), layer["kl"][c["name"]][metric], i)
+                (layer_bits(layer["shape"], c, dtype_bits), measured_kl(layer, c, metric), i)
                 for i, c in enumerate(cands)
             )
-            kept = [p for k, p in enumerate(priced) if all(p[1] < q[1] for q in priced[:k])]
+            kept = [o for k, o in enumerate(priced) if all(o[1] < q[1] for q in priced[:k])]
             problem.paths.append(layer["path"])
             problem.options.append([cands[i] for _, _, i in kept])
             problem.costs.append(np.array([b - kept[0][0] for b, _, _ in kept], dtype=np.int64))
@@ -87,21 +95,14 @@ def assignment(problem: Problem, choice: Sequence[int]) -> Assignment:
     return {**problem.fixed, **chosen}
 
 
-def allocate_greedy(
-    table: Mapping[str, Any],
-    target_bpw: float,
-    protect: Sequence[Any] = (),
-    dtype_bits: int = 16,
-    metric: str = "mean",
-) -> Assignment:
-    """Start every free layer at its cheapest candidate, then repeatedly apply the upgrade (of
-    any layer to any dearer candidate) with the largest KL reduction per extra bit that still
-    fits the budget, until none fits.
+def greedy_choice(p: Problem) -> List[int]:
+    """Option per free layer: start at the cheapest, then repeatedly apply the upgrade (of any
+    layer to any dearer option) with the largest KL reduction per extra bit that still fits the
+    spare bits, until none fits.
 
     Upgrades live in a heap keyed by that ratio; an entry is stale once its layer moved, and one
     that does not fit is dropped for good since the spare bits only shrink.
     """
-    p = build_problem(table, target_bpw, protect, dtype_bits, metric)
     choice = [0] * len(p.paths)
     heap: List[tuple] = []
 
@@ -122,32 +123,50 @@ def allocate_greedy(
         choice[i] = j
         spare -= extra
         push_upgrades(i)
-    return assignment(p, choice)
+    return choice
 
 
-def allocate_optimal(
-    table: Mapping[str, Any],
-    target_bpw: float,
-    protect: Sequence[Any] = (),
-    dtype_bits: int = 16,
-    metric: str = "mean",
-) -> Assignment:
-    """The exact minimum-KL assignment within the budget (multiple-choice knapsack).
+def dual_price(p: Problem, iterations: int = 100) -> float:
+    """The price of a bit (KL/bit) maximizing the Lagrangian lower bound
+    ``sum_i min_j (kl_ij + price * cost_ij) - price * spare`` (bisection on its slope)."""
+    width = max((len(c) for c in p.costs), default=1)
+    cost = np.zeros((len(p.costs), width))
+    kl = np.full((len(p.costs), width), np.inf)  # padding options are never the minimum
+    for i, (costs_i, kls_i) in enumerate(zip(p.costs, p.kls)):
+        cost[i, : len(costs_i)], kl[i, : len(kls_i)] = costs_i, kls_i
+    rows = np.arange(len(p.costs))
+    ratios = [((k[0] - k[1:]) / c[1:]).max() for c, k in zip(p.costs, p.kls) if len(c) > 1]
+    lo, hi = 0.0, max(ratios, default=0.0)  # at hi every layer prefers its cheapest option
+    for _ in range(iterations):
+        price = (lo + hi) / 2
+        spent = cost[rows, np.argmin(kl + price * cost, axis=1)].sum()
+        lo, hi = (price, hi) if spent > p.spare else (lo, price)
+    return hi
 
-    Dynamic programming over the layers keeping only Pareto states (extra bits, KL): after each
-    layer a state survives if no other state has no more bits and lower KL, and if the
-    cheapest completion of the remaining layers still fits. Any optimal solution extends an
-    optimal Pareto state, so the best final state is optimal. Costs are exact integer bits; the
-    frontier stays small because LLM layers come in a few shapes (few distinct cost sums).
+
+def optimal_choice(p: Problem) -> List[int]:
+    """Option per free layer minimizing the summed KL within the spare bits, exactly.
+
+    Dynamic programming over the layers on states (extra bits, KL) of the layers so far. A state
+    is dropped if another has no more bits and lower KL (Pareto), if it exceeds the spare bits,
+    or if even its Lagrangian lower bound (any completion costs at least
+    ``rest_i - price * bits left``, :func:`dual_price`) exceeds the greedy solution's KL. None of
+    these can remove every optimal solution, so the best final state is optimal. Costs are exact
+    integer bits; LLM layers come in few shapes, so there are few distinct bit sums.
     """
-    p = build_problem(table, target_bpw, protect, dtype_bits, metric)
+    greedy_kl = sum(float(k[j]) for k, j in zip(p.kls, greedy_choice(p)))
+    price = dual_price(p)
+    reduced = [float(np.min(k + price * c)) for c, k in zip(p.costs, p.kls)]
+    rest = np.append(np.cumsum(reduced[::-1])[::-1], 0.0)  # bound of layers i.. at this price
+    limit = greedy_kl + 1e-9 * abs(greedy_kl) + 1e-15  # slack: never prune on float rounding
     cost, kl = np.zeros(1, np.int64), np.zeros(1, np.float64)
     parents = []  # per layer: flat (state, option) index of each kept state
-    for costs_i, kls_i in zip(p.costs, p.kls):
+    for i, (costs_i, kls_i) in enumerate(zip(p.costs, p.kls)):
         cost_all = (cost[:, None] + costs_i[None, :]).ravel()
         kl_all = (kl[:, None] + kls_i[None, :]).ravel()
-        fits = np.flatnonzero(cost_all <= p.spare)  # remaining layers' cheapest options cost 0
-        order = fits[np.lexsort((kl_all[fits], cost_all[fits]))]
+        bound = kl_all + rest[i + 1] - price * (p.spare - cost_all)
+        alive = np.flatnonzero((cost_all <= p.spare) & (bound <= limit))
+        order = alive[np.lexsort((kl_all[alive], cost_all[alive]))]
         kl_sorted = kl_all[order]
         best_before = np.minimum.accumulate(kl_sorted)
         keep = np.concatenate(([True], kl_sorted[1:] < best_before[:-1]))
@@ -157,7 +176,31 @@ def allocate_optimal(
     state = int(np.argmin(kl))
     for i in reversed(range(len(p.paths))):
         state, choice[i] = divmod(int(parents[i][state]), len(p.costs[i]))
-    return assignment(p, choice)
+    return choice
+
+
+def allocate_greedy(
+    table: Mapping[str, Any],
+    target_bpw: float,
+    protect: Sequence[Any] = (),
+    dtype_bits: int = 16,
+    metric: str = "mean",
+) -> Assignment:
+    """The greedy plan (:func:`greedy_choice`): fast, usually within a fraction of a percent."""
+    p = build_problem(table, target_bpw, protect, dtype_bits, metric)
+    return assignment(p, greedy_choice(p))
+
+
+def allocate_optimal(
+    table: Mapping[str, Any],
+    target_bpw: float,
+    protect: Sequence[Any] = (),
+    dtype_bits: int = 16,
+    metric: str = "mean",
+) -> Assignment:
+    """The minimum-KL plan within the budget (:func:`optimal_choice`), exact."""
+    p = build_problem(table, target_bpw, protect, dtype_bits, metric)
+    return assignment(p, optimal_choice(p))
 
 
 ALLOCATORS: Dict[str, Callable[..., Assignment]] = {
@@ -174,7 +217,7 @@ def predicted_kl(chosen: Assignment, table: Mapping[str, Any], metric: str = "me
 
 
 def allocate(
-    table: Mapping[str, Any], quant_cfg: QuantConfig, dtype_bits: int = 16, metric: str = "mean"
+    table: Mapping[str, Any], quant_cfg: QuantConfig, dtype_bits: int, metric: str = "mean"
 ) -> Dict[str, Any]:
     """The plan for ``quant_cfg``: run both allocators, keep ``quant_cfg.allocator``'s.
 
@@ -197,7 +240,6 @@ def allocate(
     objectives = {name: predicted_kl(chosen, table, metric) for name, chosen in results.items()}
     chosen = results[quant_cfg.allocator]
     choices = layer_choices(table, protect)
-    kl = {layer["path"]: layer["kl"] for layer in table["layers"]}
     layers = {
         layer["path"]: {
             "bits": c["bits"],
@@ -205,7 +247,7 @@ def allocate(
             "mode": c["mode"],
             "candidate": c["name"],
             "protected": protected,
-            "kl": kl[layer["path"]].get(c["name"], {}).get(metric),
+            "kl": layer["kl"].get(c["name"], {}).get(metric),
         }
         for layer, _, protected in choices
         if (c := chosen.get(layer["path"])) is not None
@@ -214,6 +256,7 @@ def allocate(
     summary = {
         "allocator": quant_cfg.allocator,
         "metric": metric,
+        "dtype_bits": dtype_bits,
         "target_bpw": target,
         "feasible_bpw": list(feasible_bpw_range(table, protect, dtype_bits)),
         "budget_bits": budget_bits(table, target),

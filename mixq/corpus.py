@@ -21,13 +21,22 @@ import textwrap
 from pathlib import Path
 from typing import Callable, Iterator
 
-from mixq.corpus_chat import constraint_documents, reasoning_documents
-from mixq.corpus_tools import agent_documents, tool_call_documents
+from mixq.corpus_agent import agent_documents
+from mixq.corpus_constraints import constraint_documents
+from mixq.corpus_reasoning import reasoning_documents
+from mixq.corpus_tools import tool_call_documents
 
-# Stdlib folders that hold tests, demos, Python 2 code or vendored packages rather than library code.
+# Stdlib folders of tests, demos, Python 2 code or vendored packages rather than library code.
 SKIPPED_STDLIB_DIRS = {
-    "__pycache__", "site-packages", "test", "tests", "idlelib", "lib2to3", "turtledemo",
-    "ensurepip", "pydoc_data",
+    "__pycache__",
+    "site-packages",
+    "test",
+    "tests",
+    "idlelib",
+    "lib2to3",
+    "turtledemo",
+    "ensurepip",
+    "pydoc_data",
 }
 STOPWORDS = set(
     "the of and to a in is that for it with as be on by this are or an not from which if can "
@@ -35,7 +44,7 @@ STOPWORDS = set(
 )
 # A paragraph with such a line is a list, a table, a heading, a doctest or a code block.
 NON_PROSE_LINE = re.compile(
-    r"\s{4}|\s*(>>>|\.\.\.|[-*+]\s|\d+[.)]\s|:\w+|\w+\s+--\s|[|#=~`^]|Copyright|\S+:\s*$)"
+    r"\s{4}|\s*(>>>|\.\.\.|[-*+]\s|\d+[.)]\s|:\w+|\w+:\s|\w+\s+--\s|[|#=~`^]|Copyright|\S+:\s*$)"
 )
 DEFINITIONS = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)
 PROSE_WORDS = (25, 250)
@@ -83,9 +92,9 @@ def is_prose(paragraph: str) -> bool:
     return letters >= 0.85 * len(paragraph) and english >= 0.2 * len(words) and paragraph.isascii()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def prose_paragraphs(path: Path) -> tuple[str, ...]:
-    """The prose paragraphs of one source: its docstrings (``.py``) or its text, whitespace-joined."""
+    """The prose paragraphs (whitespace-joined) of one source: its docstrings or its text."""
     try:
         text = path.read_text("utf-8")
         blocks = docstrings(text) if path.suffix == ".py" else [text]
@@ -117,8 +126,7 @@ def prose_documents(rng: random.Random) -> Iterator[dict]:
         yield {"text": "\n\n".join(run)}
 
 
-
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def code_definitions(path: Path) -> tuple[str, ...]:
     """The functions and classes (methods included, dedented, with decorators) of one source
     whose text is between 300 and 4000 characters."""

@@ -46,13 +46,14 @@ BLOCK_TENSORS = {
 }
 
 
-def byte_level(add_prefix_space: bool = False) -> pre_tokenizers.ByteLevel:
-    return pre_tokenizers.ByteLevel(add_prefix_space=add_prefix_space, use_regex=True)
+def byte_level() -> pre_tokenizers.ByteLevel:
+    """GPT-2's regex split, then bytes -> printable unicode (no space prefix, as llama.cpp)."""
+    return pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
 
 
 # llama.cpp's ``tokenizer.ggml.pre`` name -> the equivalent Hugging Face pre-tokenizer
 PRE_TOKENIZERS = {
-    "gpt-2": lambda: byte_level(),
+    "gpt-2": byte_level,
     "smollm": lambda: pre_tokenizers.Sequence(
         [pre_tokenizers.Digits(individual_digits=True), byte_level()]
     ),
@@ -111,7 +112,9 @@ def llama_config(meta: dict[str, Any], tie_word_embeddings: bool) -> dict[str, A
     return config | special_token_ids(meta)
 
 
-def special_token_ids(meta: dict[str, Any], roles: tuple[str, ...] = ("bos", "eos", "pad")) -> dict[str, int]:
+def special_token_ids(
+    meta: dict[str, Any], roles: tuple[str, ...] = ("bos", "eos", "pad")
+) -> dict[str, int]:
     """``{role}_token_id`` for each role the metadata names (``bos``, ``eos``, ``pad``, ``unk``)."""
     ids = {}
     for role in roles:
@@ -181,7 +184,9 @@ def build_tokenizer(meta: dict[str, Any]) -> Tokenizer:
     """
     model = meta.get("tokenizer.ggml.model")
     if model != "gpt2":
-        raise ValueError(f"unsupported GGUF tokenizer model {model!r}: only 'gpt2' (byte-level BPE)")
+        raise ValueError(
+            f"unsupported GGUF tokenizer model {model!r}: only 'gpt2' (byte-level BPE)"
+        )
     pre = meta.get("tokenizer.ggml.pre", "gpt-2")
     if pre not in PRE_TOKENIZERS:
         raise ValueError(

@@ -115,6 +115,7 @@ def resave_with_mlx_lm(src: Path, dst: Path, dtype: str) -> None:
 
 def is_companion(file: Path) -> bool:
     """Whether ``file`` is a tokenizer/config file that goes along with the weights."""
+
     def matches(patterns: list[str]) -> bool:
         return any(fnmatch(file.name, p) for p in patterns)
 

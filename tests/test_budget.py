@@ -43,11 +43,11 @@ SMOLLM2_SHAPES = {
     "mlp.down_proj": [HIDDEN, FFN],
 }
 SMOLLM2_NORMS = (2 * BLOCKS + 1) * HIDDEN  # input/post-attention norms + final norm
-SMOLLM2_PARAMS = 134_515_008
+SMOLLM2_PARAMS = 134_515_008  # as published
 SENSITIVITY = {"v_proj": 3.0, "down_proj": 2.0, "k_proj": 1.5, "embed_tokens": 0.5}
 
 
-def synthetic_kl(path: str, c: dict, base: float) -> dict:
+def synthetic_kl(c: dict, base: float) -> dict:
     """KL ~ quantization noise power: x4 per bit removed, sqrt(group size); fp4 formats a bit
     worse/better than affine 4-bit."""
     kl = base * 4.0 ** (4 - c["bits"]) * math.sqrt(c["group_size"] / 64)
@@ -55,30 +55,36 @@ def synthetic_kl(path: str, c: dict, base: float) -> dict:
     return {"mean": kl, "p95": 3 * kl, "max": 15 * kl}
 
 
-def smollm2_table(candidates=AFFINE_4_8, seed: int = 0) -> dict:
-    """A sensitivity table shaped like SmolLM2-135M (tied embedding, 30 llama blocks) with
-    lognormal per-layer sensitivities; a candidate is missing where its group does not divide
-    the in-dim (e.g. g128 on 576)."""
+def smollm2_table(candidates=AFFINE_4_8, seed: int = 0, blocks: int = BLOCKS) -> dict:
+    """A sensitivity table shaped like SmolLM2-135M (tied embedding, 30 llama blocks; more
+    blocks for a deeper model) with lognormal per-layer sensitivities, the first and last blocks
+    and v/down/k projections more sensitive; a candidate is missing where its group does not
+    divide the in-dim (e.g. g128 on 576)."""
     rng = np.random.default_rng(seed)
     paths = [("model.embed_tokens", "embedding", [VOCAB, HIDDEN])] + [
         (f"model.layers.{b}.{name}", "linear", shape)
-        for b in range(BLOCKS)
+        for b in range(blocks)
         for name, shape in SMOLLM2_SHAPES.items()
     ]
     layers = []
     for path, kind, shape in paths:
-        block_factor = 4.0 if ".layers.0." in path or f".layers.{BLOCKS - 1}." in path else 1.0
+        block_factor = 4.0 if ".layers.0." in path or f".layers.{blocks - 1}." in path else 1.0
         base = 1e-3 * block_factor * SENSITIVITY.get(path.split(".")[-1], 1.0)
         base *= rng.lognormal(0.0, 0.6)
-        kl = {c["name"]: synthetic_kl(path, c, base) for c in candidates if shape[-1] % c["group_size"] == 0}
+        kl = {
+            c["name"]: synthetic_kl(c, base)
+            for c in candidates
+            if shape[-1] % c["group_size"] == 0
+        }
         layers.append(
             {"path": path, "kind": kind, "shape": shape, "params": math.prod(shape), "kl": kl}
         )
+    norms = (2 * blocks + 1) * HIDDEN
     return {
         "candidates": list(candidates),
         "layers": layers,
-        "unquantized_params": SMOLLM2_NORMS,
-        "total_params": SMOLLM2_PARAMS,
+        "unquantized_params": norms,
+        "total_params": sum(layer["params"] for layer in layers) + norms,
         "tokens": 4096,
         "method": "exact",
         "reference": "float",
@@ -120,10 +126,12 @@ def test_modes_table_is_what_mlx_accepts():
 
 
 @pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16, mx.float32])
-@pytest.mark.parametrize("shape", [(24, 384), (3, 8, 256)])
+@pytest.mark.parametrize("shape", [(24, 384), (3, 8, 256), (KV, HIDDEN), (HIDDEN, FFN)])
 def test_layer_bits_equal_mx_quantize_nbytes(dtype, shape):
     w = mx.random.normal(shape).astype(dtype)
     for c in valid_candidates():
+        if shape[-1] % c["group_size"]:
+            continue
         stored = sum(a.nbytes for a in mx.quantize(w, c["group_size"], c["bits"], mode=c["mode"]))
         assert layer_bits(shape, c, dtype.size * 8) == 8 * stored, c
 
@@ -148,10 +156,11 @@ def test_bits_per_weight_of_each_mode():
 def table_from_model(model: nn.Module) -> dict:
     """The layer/param part of a sensitivity table for an mlx-lm model (every quantizable leaf)."""
     kinds = {nn.Linear: "linear", nn.Embedding: "embedding", SwitchLinear: "switch_linear"}
+    leaves = tree_flatten(model.leaf_modules(), is_leaf=lambda m: isinstance(m, nn.Module))
     layers = [
         {"path": path, "kind": kinds[type(m)], "shape": list(m.weight.shape),
          "params": m.weight.size, "kl": {}}
-        for path, m in tree_flatten(model.leaf_modules(), is_leaf=lambda m: isinstance(m, nn.Module))
+        for path, m in leaves
         if type(m) in kinds
     ]
     total = sum(v.size for _, v in tree_flatten(model.parameters()))
@@ -192,7 +201,8 @@ def test_model_bpw_equals_mlx_lm_on_a_quantized_llama():
               (3, 128, "affine"), (8, 32, "mxfp8")]]
     plan = mixed_plan(table, cycle)
     quantize_as_planned(model, plan)
-    assert model_bpw(plan, table, 16)["bpw"] == pytest.approx(compute_bits_per_weight(model), rel=1e-12)
+    bpw = model_bpw(plan, table, 16)["bpw"]
+    assert bpw == pytest.approx(compute_bits_per_weight(model), rel=1e-12)
 
 
 def test_model_bpw_equals_mlx_lm_on_a_quantized_moe():
@@ -204,7 +214,8 @@ def test_model_bpw_equals_mlx_lm_on_a_quantized_moe():
     model.set_dtype(mx.float16)
     table = table_from_model(model)
     assert any(layer["kind"] == "switch_linear" for layer in table["layers"])
-    plan = mixed_plan(table, [candidate_dict(Candidate(4, 32)), candidate_dict(Candidate(4, 16, "nvfp4"))])
+    cycle = [candidate_dict(Candidate(4, 32)), candidate_dict(Candidate(4, 16, "nvfp4"))]
+    plan = mixed_plan(table, cycle)
     quantize_as_planned(model, plan)
     stats = model_bpw(plan, table, 16)
     assert stats["bpw"] == pytest.approx(compute_bits_per_weight(model), rel=1e-12)
@@ -240,7 +251,9 @@ def test_protect_rules_and_applicability():
     assert "affine-b4-g128" not in table["layers"][0]["kl"]  # in-dim 576
 
     rules = [ProtectRule("model.embed_tokens", 6, 64), ProtectRule("*.layers.0.*", 8, 64)]
-    choices = {layer["path"]: (cands, protected) for layer, cands, protected in layer_choices(table, rules)}
+    choices = {
+        layer["path"]: (cands, protected) for layer, cands, protected in layer_choices(table, rules)
+    }
     assert choices["model.embed_tokens"] == ([candidate_dict(Candidate(6, 64))], True)
     assert choices["model.layers.0.mlp.up_proj"] == ([AFFINE_4_8[1]], True)
     assert [c["name"] for c in choices["model.layers.1.mlp.down_proj"][0]] == [

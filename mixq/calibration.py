@@ -1,0 +1,508 @@
+"""Calibration data: per-domain documents packed into fixed token windows.
+
+The ``calibration`` windows feed the per-layer sensitivity (KL) measurement; the ``heldout``
+windows come from other documents of the same domains and are kept for evaluation. Documents
+come from ``CalibrationConfig.source``: ``builtin`` (:mod:`mixq.corpus`), ``files`` (one ``.jsonl``
+or ``.txt`` file per domain) or ``hf`` (such files in a Hugging Face dataset repo).
+
+A document is ``{"text": str}`` (tokenized as is) or ``{"messages": [...], "tools": [...]}`` (a
+chat in the Hugging Face format, rendered with the tokenizer's chat template). Each split's
+documents are tokenized, joined with the EOS token and cut into windows of ``seq_len`` tokens.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+import re
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+from jinja2 import TemplateError
+from safetensors.numpy import load_file, save_file
+from tqdm import tqdm
+
+from mixq.config import DOMAINS, CalibrationConfig, as_dict
+from mixq.corpus import builtin_documents
+
+log = logging.getLogger("mixq")
+
+SOURCES = ("builtin", "files", "hf")
+SPLITS = ("calibration", "heldout")
+SPLIT_FILES = {"calibration": "calibration.safetensors", "heldout": "heldout.safetensors"}
+SPLIT_KEYS = {
+    "calibration": ("tokens", "domain_ids"),
+    "heldout": ("heldout_tokens", "heldout_domain_ids"),
+}
+FIRST_FETCH = 16  # documents loaded at first; the count doubles while a domain needs more text
+EXCERPT_CHARS = 300
+
+
+class CalibrationError(ValueError):
+    """Invalid calibration settings or data; the message names the key, domain or file."""
+
+
+@dataclass
+class CalibrationSet:
+    """Token windows (int32 ``[n, seq_len]``) and their domain (int32 ``[n]``, an index into
+    ``domains``), for both splits, plus what the manifest reports about them."""
+
+    domains: list[str]
+    tokens: np.ndarray
+    domain_ids: np.ndarray
+    heldout_tokens: np.ndarray
+    heldout_domain_ids: np.ndarray
+    documents: dict[str, dict[str, int]]  # domain -> split -> source documents used
+    tokenizer: dict[str, Any]  # vocab_size, eos_token_id, chat_template_sha256
+    excerpts: dict[str, str]  # domain -> start of its first decoded calibration window
+
+    @property
+    def seq_len(self) -> int:
+        return self.tokens.shape[1]
+
+    def split(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """``(tokens, domain_ids)`` of the ``calibration`` or ``heldout`` split."""
+        if name == "calibration":
+            return self.tokens, self.domain_ids
+        return self.heldout_tokens, self.heldout_domain_ids
+
+
+def check_source(cfg: CalibrationConfig) -> None:
+    if cfg.source not in SOURCES:
+        raise CalibrationError(
+            f"calibration.source: unknown source {cfg.source!r} (use {', '.join(SOURCES)})"
+        )
+
+
+def check_domain(domain: str) -> None:
+    if domain not in DOMAINS:
+        raise CalibrationError(
+            f"calibration.domains: unknown domain {domain!r} (known: {', '.join(DOMAINS)})"
+        )
+
+
+def check_config(cfg: CalibrationConfig, max_context: int) -> None:
+    """Raise :class:`CalibrationError` for settings that cannot produce a calibration set."""
+    check_source(cfg)
+    if not cfg.domains:
+        raise CalibrationError("calibration.domains: no domains listed")
+    for domain in cfg.domains:
+        check_domain(domain)
+        if cfg.domains.count(domain) > 1:
+            raise CalibrationError(f"calibration.domains: {domain!r} is listed twice")
+        if cfg.source != "builtin":
+            configured_file(cfg, domain)
+    if cfg.samples_per_domain < 1:
+        raise CalibrationError(
+            f"calibration.samples_per_domain must be >= 1, got {cfg.samples_per_domain}"
+        )
+    if cfg.heldout_per_domain < 0:
+        raise CalibrationError(
+            f"calibration.heldout_per_domain must be >= 0, got {cfg.heldout_per_domain}"
+        )
+    if not 1 <= cfg.seq_len <= max_context:
+        raise CalibrationError(
+            f"calibration.seq_len={cfg.seq_len} must be between 1 and the model's context "
+            f"length {max_context}"
+        )
+    if cfg.source == "hf" and not cfg.hf_repo:
+        raise CalibrationError("calibration.hf_repo: not set (source=hf needs a dataset repo id)")
+
+
+def configured_file(cfg: CalibrationConfig, domain: str) -> str:
+    """The file set for ``domain`` in ``calibration.files`` or ``calibration.hf_files``."""
+    key = "files" if cfg.source == "files" else "hf_files"
+    name = getattr(cfg, key).get(domain)
+    if not name:
+        raise CalibrationError(
+            f"calibration.{key}.{domain}: no file configured for domain {domain!r}"
+        )
+    return name
+
+
+def load_documents(cfg: CalibrationConfig, domain: str, count: int) -> list[dict]:
+    """The first ``count`` documents of ``domain`` in seeded order (fewer when the source has
+    fewer). The order does not depend on ``count``, so a larger count only appends documents."""
+    check_source(cfg)
+    check_domain(domain)
+    if cfg.source == "builtin":
+        return builtin_documents(domain, cfg.seed, count)
+    if cfg.source == "files":
+        path = Path(configured_file(cfg, domain))
+        label = f"calibration.files.{domain} ({path})"
+    else:
+        path = download(cfg, domain)
+        label = f"calibration.hf_files.{domain} ({cfg.hf_repo}/{configured_file(cfg, domain)})"
+    documents = read_documents(path, label)
+    random.Random(f"{domain}:{cfg.seed}").shuffle(documents)
+    return documents[:count]
+
+
+def download(cfg: CalibrationConfig, domain: str) -> Path:
+    """``hf_files[domain]`` from the ``hf_repo`` dataset (or the local Hugging Face cache)."""
+    from huggingface_hub import hf_hub_download
+
+    filename = configured_file(cfg, domain)
+    where = f"{filename} from dataset {cfg.hf_repo}@{cfg.hf_revision or 'main'}"
+    try:
+        return Path(
+            hf_hub_download(
+                repo_id=cfg.hf_repo,
+                repo_type="dataset",
+                filename=filename,
+                revision=cfg.hf_revision,
+            )
+        )
+    except (OSError, ValueError) as err:  # unreachable/offline, missing repo or file, bad id
+        raise CalibrationError(
+            f"calibration.hf_files.{domain}: cannot download {where}: {err}"
+        ) from err
+
+
+def read_documents(path: Path, label: str) -> list[dict]:
+    """The usable documents of a ``.jsonl`` (one ``{"text"}`` or ``{"messages"}`` object per
+    line) or ``.txt`` (paragraphs separated by blank lines) file. Records without usable text are
+    skipped with a warning; a file with none is an error."""
+    if path.suffix not in (".jsonl", ".txt"):
+        raise CalibrationError(
+            f"{label}: unsupported file type {path.suffix!r} (use .jsonl or .txt)"
+        )
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except OSError as err:
+        raise CalibrationError(f"{label}: cannot read the file ({err.strerror})") from None
+    except UnicodeDecodeError as err:
+        raise CalibrationError(
+            f"{label}: not UTF-8 text (byte {err.object[err.start]:#04x} at offset {err.start})"
+        ) from None
+    if not text.strip():
+        raise CalibrationError(f"{label}: file is empty")
+    if path.suffix == ".txt":
+        records: list[Any] = [{"text": p} for p in re.split(r"\n\s*\n", text.strip())]
+    else:
+        records = [
+            parse_line(line, number, label)
+            for number, line in enumerate(text.splitlines(), 1)
+            if line.strip()
+        ]
+    documents = [r for r in records if is_document(r)]
+    if not documents:
+        raise CalibrationError(f"{label}: no usable samples (need non-empty 'text' or 'messages')")
+    if len(documents) < len(records):
+        log.warning(
+            "%s: skipped %d of %d records without usable text",
+            label,
+            len(records) - len(documents),
+            len(records),
+        )
+    return documents
+
+
+def parse_line(line: str, number: int, label: str) -> Any:
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as err:
+        raise CalibrationError(f"{label}: line {number} is not valid JSON ({err.msg})") from None
+
+
+def is_document(record: Any) -> bool:
+    """A non-empty ``{"text": str}``, or ``{"messages": [...]}`` whose items all have a string
+    role and a string (or missing, for tool calls) content."""
+    if not isinstance(record, dict):
+        return False
+    if isinstance(record.get("text"), str):
+        return bool(record["text"].strip())
+    messages = record.get("messages")
+    return (
+        isinstance(messages, list)
+        and bool(messages)
+        and all(isinstance(m, dict) and isinstance(m.get("role"), str) for m in messages)
+        and all(isinstance(m.get("content", ""), str) for m in messages)
+        and isinstance(record.get("tools", []), list)
+    )
+
+
+def document_stream(cfg: CalibrationConfig, domain: str) -> Iterator[dict]:
+    """The distinct documents of ``domain`` in seeded order, loaded in growing batches on demand
+    (a repeated document is skipped, so it cannot end up in both splits)."""
+    count, done, seen = FIRST_FETCH, 0, set()
+    while True:
+        documents = load_documents(cfg, domain, count)
+        for document in documents[done:]:
+            key = json.dumps(document, sort_keys=True)
+            if key not in seen:
+                seen.add(key)
+                yield document
+        if len(documents) < count:
+            return
+        done, count = len(documents), count * 2
+
+
+def supports_tools(tokenizer: Any) -> bool:
+    """Whether the chat template renders ``tools`` and assistant ``tool_calls`` itself."""
+    template = str(getattr(tokenizer, "chat_template", None) or "")
+    return "tools" in template and "tool_calls" in template
+
+
+def inline_tools(messages: list[dict], tools: list[dict] | None) -> list[dict]:
+    """The chat for a template without tool support: tool schemas as JSON in the system prompt,
+    each call as ``<tool_call>`` JSON in the assistant's content."""
+    inlined = []
+    for message in messages:
+        calls = [
+            f"<tool_call>\n{json.dumps(c['function'])}\n</tool_call>"
+            for c in message.get("tool_calls", [])
+        ]
+        content = "\n".join(filter(None, [message.get("content") or "", *calls]))
+        inlined.append({"role": message["role"], "content": content})
+    if tools:
+        schemas = (
+            "You can call these functions; to call one, reply with <tool_call>{...}</tool_call>:\n"
+        )
+        schemas += "\n".join(json.dumps(tool) for tool in tools)
+        if inlined[0]["role"] == "system":
+            inlined[0]["content"] += "\n\n" + schemas
+        else:
+            inlined.insert(0, {"role": "system", "content": schemas})
+    return inlined
+
+
+def tokenize(tokenizer: Any, document: dict, domain: str) -> list[int]:
+    """Token ids of a document: ``encode`` for text (with the tokenizer's own special tokens,
+    such as a BOS), the chat template's rendering for messages."""
+    if "text" in document:
+        return list(tokenizer.encode(document["text"]))
+    messages, tools = document["messages"], document.get("tools") or None
+    uses_tools = tools or any("tool_calls" in m for m in messages)
+    if uses_tools and not supports_tools(tokenizer):
+        messages, tools = inline_tools(messages, tools), None
+    try:
+        text = tokenizer.apply_chat_template(messages, tools=tools, tokenize=False)
+    except (ValueError, TemplateError) as err:
+        raise CalibrationError(
+            f"calibration.{domain}: cannot render a chat with the tokenizer's chat template: {err}"
+        ) from err
+    return list(tokenizer.encode(text, add_special_tokens=False))
+
+
+def tokenizer_info(tokenizer: Any) -> dict[str, Any]:
+    template = getattr(tokenizer, "chat_template", None)
+    template_hash = hashlib.sha256(str(template).encode()).hexdigest() if template else None
+    return {
+        "vocab_size": len(tokenizer.get_vocab()),
+        "eos_token_id": tokenizer.eos_token_id,
+        "chat_template_sha256": template_hash,
+    }
+
+
+def build_domain(
+    tokenizer: Any, cfg: CalibrationConfig, domain: str, progress: tqdm
+) -> tuple[dict, dict]:
+    """Windows and document counts per split for one domain. Each document goes, whole, to the
+    split that is least filled relative to its need, so the splits share no document."""
+    needs = {
+        "calibration": cfg.samples_per_domain * cfg.seq_len,
+        "heldout": cfg.heldout_per_domain * cfg.seq_len,
+    }
+    streams: dict[str, list[int]] = {split: [] for split in SPLITS}
+    documents = dict.fromkeys(SPLITS, 0)
+    progress.set_description(domain)
+    for document in document_stream(cfg, domain):
+        split = min(
+            (s for s in SPLITS if len(streams[s]) < needs[s]),
+            key=lambda s: len(streams[s]) / needs[s],
+        )
+        before = len(streams[split])
+        streams[split] += tokenize(tokenizer, document, domain) + [tokenizer.eos_token_id]
+        documents[split] += 1
+        progress.update(min(len(streams[split]), needs[split]) - before)
+        if all(len(streams[s]) >= needs[s] for s in SPLITS):
+            break
+    else:
+        have = ", ".join(f"{len(streams[s])}/{needs[s]} {s} tokens" for s in SPLITS)
+        raise CalibrationError(
+            f"calibration.{domain}: not enough text: {sum(documents.values())} documents give "
+            f"{have}; add documents or lower samples_per_domain, heldout_per_domain or seq_len"
+        )
+    windows = {
+        s: np.asarray(streams[s][: needs[s]], dtype=np.int32).reshape(-1, cfg.seq_len)
+        for s in SPLITS
+    }
+    return windows, documents
+
+
+def build_calibration(tokenizer: Any, cfg: CalibrationConfig, max_context: int) -> CalibrationSet:
+    """Calibration and held-out windows for every domain of ``cfg`` (see the module docstring).
+
+    ``tokenizer`` is a Hugging Face tokenizer or mlx_lm's ``TokenizerWrapper``; ``max_context``
+    is the model's maximum number of positions. Raises :class:`CalibrationError` on bad settings
+    or data, before anything is written.
+    """
+    check_config(cfg, max_context)
+    if tokenizer.eos_token_id is None:
+        raise CalibrationError("tokenizer: no EOS token to separate documents with")
+    started = time.perf_counter()
+    tokens_per_domain = (cfg.samples_per_domain + cfg.heldout_per_domain) * cfg.seq_len
+    windows: dict[str, list[np.ndarray]] = {split: [] for split in SPLITS}
+    documents, excerpts = {}, {}
+    with tqdm(
+        total=tokens_per_domain * len(cfg.domains), unit="tok", desc="calibration"
+    ) as progress:
+        for domain in cfg.domains:
+            domain_started = time.perf_counter()
+            domain_windows, documents[domain] = build_domain(tokenizer, cfg, domain, progress)
+            for split in SPLITS:
+                windows[split].append(domain_windows[split])
+            first_window = domain_windows["calibration"][0].tolist()
+            excerpts[domain] = tokenizer.decode(first_window)[:EXCERPT_CHARS]
+            log.info(
+                "%s: %d calibration + %d held-out windows of %d tokens "
+                "from %d + %d documents (%.2fs)",
+                domain,
+                cfg.samples_per_domain,
+                cfg.heldout_per_domain,
+                cfg.seq_len,
+                documents[domain]["calibration"],
+                documents[domain]["heldout"],
+                time.perf_counter() - domain_started,
+            )
+    counts = {"calibration": cfg.samples_per_domain, "heldout": cfg.heldout_per_domain}
+    ids = {s: np.repeat(np.arange(len(cfg.domains), dtype=np.int32), counts[s]) for s in SPLITS}
+    calibration = CalibrationSet(
+        domains=list(cfg.domains),
+        tokens=np.concatenate(windows["calibration"]),
+        domain_ids=ids["calibration"],
+        heldout_tokens=np.concatenate(windows["heldout"]),
+        heldout_domain_ids=ids["heldout"],
+        documents=documents,
+        tokenizer=tokenizer_info(tokenizer),
+        excerpts=excerpts,
+    )
+    log.info(
+        "built %d calibration and %d held-out windows (%d tokens) in %.1fs",
+        len(calibration.tokens),
+        len(calibration.heldout_tokens),
+        calibration.tokens.size + calibration.heldout_tokens.size,
+        time.perf_counter() - started,
+    )
+    return calibration
+
+
+def content_hash(*arrays: np.ndarray) -> str:
+    """sha256 of the arrays' int32 little-endian bytes."""
+    digest = hashlib.sha256()
+    for array in arrays:
+        digest.update(np.ascontiguousarray(array, dtype="<i4").tobytes())
+    return digest.hexdigest()
+
+
+def manifest(cal: CalibrationSet, tokenizer_name: str, cfg: CalibrationConfig) -> dict:
+    """What ``manifest.json`` records: counts and hashes per split and per domain, the tokenizer
+    and the configuration."""
+    splits, per_domain = {}, {domain: {} for domain in cal.domains}
+    for split in SPLITS:
+        tokens, ids = cal.split(split)
+        splits[split] = {
+            "file": SPLIT_FILES[split],
+            "sequences": len(tokens),
+            "tokens": int(tokens.size),
+            "sha256": content_hash(tokens, ids),
+        }
+        for index, domain in enumerate(cal.domains):
+            rows = tokens[ids == index]
+            per_domain[domain][split] = {
+                "sequences": len(rows),
+                "tokens": int(rows.size),
+                "documents": cal.documents[domain][split],
+                "sha256": content_hash(rows),
+            }
+    return {
+        "seq_len": cal.seq_len,
+        "domains": cal.domains,
+        "splits": splits,
+        "per_domain": per_domain,
+        "excerpts": cal.excerpts,
+        "tokenizer": {"name": tokenizer_name, **cal.tokenizer},
+        "config": as_dict(cfg),
+    }
+
+
+def preview(info: dict) -> str:
+    """``preview.md``: a table of counts per domain and the start of each domain's first window."""
+    lines = [
+        "# Calibration preview",
+        "",
+        f"Tokenizer `{info['tokenizer']['name']}`, {info['seq_len']} tokens per window, "
+        f"source `{info['config']['source']}`, seed {info['config']['seed']}.",
+        "",
+        "| domain | calibration windows | calibration tokens | calibration documents "
+        "| held-out windows | held-out tokens | held-out documents |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for domain, splits in info["per_domain"].items():
+        cells = [f"{splits[s][k]}" for s in SPLITS for k in ("sequences", "tokens", "documents")]
+        lines.append(f"| {domain} | {' | '.join(cells)} |")
+    for domain, excerpt in info["excerpts"].items():
+        lines += [
+            "",
+            f"## {domain}",
+            "",
+            f"First {EXCERPT_CHARS} characters of the first calibration window:",
+            "",
+            "~~~~text",
+            excerpt,
+            "~~~~",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def write_calibration(
+    cal: CalibrationSet, out_dir: Path, tokenizer_name: str, cfg: CalibrationConfig
+) -> None:
+    """Write ``calibration.safetensors``, ``heldout.safetensors``, ``manifest.json`` and
+    ``preview.md`` to ``out_dir``, atomically: built in ``<out_dir>.tmp``, renamed at the end."""
+    out_dir = Path(out_dir)
+    staging = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        for split in SPLITS:  # no safetensors metadata: its key order varies, the bytes would too
+            save_file(
+                dict(zip(SPLIT_KEYS[split], cal.split(split))), str(staging / SPLIT_FILES[split])
+            )
+        info = manifest(cal, tokenizer_name, cfg)
+        (staging / "manifest.json").write_text(json.dumps(info, indent=2) + "\n")
+        (staging / "preview.md").write_text(preview(info))
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    shutil.rmtree(out_dir, ignore_errors=True)
+    staging.rename(out_dir)
+    sizes = ", ".join(f"{p.name} {p.stat().st_size:,} B" for p in sorted(out_dir.iterdir()))
+    log.info("wrote %s: %s", out_dir, sizes)
+
+
+def read_calibration(directory: Path) -> CalibrationSet:
+    """The :class:`CalibrationSet` that :func:`write_calibration` wrote to ``directory``."""
+    directory = Path(directory)
+    info = json.loads((directory / "manifest.json").read_text())
+    arrays = {}
+    for split in SPLITS:
+        arrays.update(load_file(str(directory / SPLIT_FILES[split])))
+    tokenizer = {k: v for k, v in info["tokenizer"].items() if k != "name"}
+    documents = {
+        d: {s: splits[s]["documents"] for s in SPLITS} for d, splits in info["per_domain"].items()
+    }
+    return CalibrationSet(
+        domains=info["domains"],
+        documents=documents,
+        tokenizer=tokenizer,
+        excerpts=info["excerpts"],
+        **arrays,
+    )

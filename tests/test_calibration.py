@@ -1,0 +1,594 @@
+"""The calibration library: builtin corpus, building, validation, writing and reading."""
+
+from __future__ import annotations
+
+import ast
+import datetime
+import json
+import re
+from dataclasses import replace
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+import pytest
+from mlx_lm.utils import load_tokenizer
+from safetensors.numpy import load_file
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+from mixq.calibration import (
+    CalibrationError,
+    CalibrationSet,
+    build_calibration,
+    content_hash,
+    load_documents,
+    read_calibration,
+    write_calibration,
+)
+from mixq.config import DOMAINS, CalibrationConfig
+from mixq.corpus import builtin_documents
+
+CHATML = "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+# A template that renders tools and tool calls itself (as Hermes/Qwen-style templates do).
+TOOL_CHATML = (
+    "{% if tools %}<|im_start|>system\nTools:\n{% for t in tools %}{{ t | tojson }}\n{% endfor %}"
+    "<|im_end|>\n{% endif %}{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}"
+    "{% for c in m.tool_calls or [] %}<tool_call>{{ c.function | tojson }}</tool_call>{% endfor %}"
+    "<|im_end|>\n{% endfor %}"
+)
+MAX_CONTEXT = 2048
+
+
+def small_tokenizer(chat_template: str | None = CHATML) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained on a little builtin text, with a ChatML template."""
+    sample = [d["text"] for domain in ("prose", "code") for d in builtin_documents(domain, 0, 10)]
+    sample += [json.dumps(d) for domain in DOMAINS[3:] for d in builtin_documents(domain, 0, 5)]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=800,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    bpe.train_from_iterator(sample, trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=bpe,
+        eos_token="<|endoftext|>",
+        chat_template=chat_template,
+        model_max_length=MAX_CONTEXT,
+    )
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> PreTrainedTokenizerFast:
+    return small_tokenizer()
+
+
+def calibrate(tokenizer, cfg: CalibrationConfig, out_dir: Path) -> CalibrationSet:
+    """What the calibrate stage does."""
+    cal = build_calibration(tokenizer, cfg, MAX_CONTEXT)
+    write_calibration(cal, out_dir, "test-tokenizer", cfg)
+    return cal
+
+
+def write_jsonl(path: Path, records: list) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def numbered_documents(count: int) -> list[dict]:
+    words = (
+        "the quick brown fox jumps over a lazy dog while seven wizards quietly judge boxing".split()
+    )
+    return [
+        {"text": f"Document {i}: " + " ".join(words[(i + j) % len(words)] for j in range(30))}
+        for i in range(count)
+    ]
+
+
+# --- builtin corpus ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("domain", DOMAINS)
+def test_builtin_documents_are_seeded_and_prefix_stable(domain):
+    documents = builtin_documents(domain, 3, 12)
+    assert len(documents) == 12
+    assert builtin_documents(domain, 3, 12) == documents
+    assert builtin_documents(domain, 3, 5) == documents[:5]
+    assert builtin_documents(domain, 4, 12) != documents
+    assert len({json.dumps(d, sort_keys=True) for d in documents}) > 8
+
+
+COMMON_WORDS = set(
+    "the of and to a in is it that for with as be on by this are or not all no will have if".split()
+)
+
+
+def test_prose_is_english_paragraphs():
+    for document in builtin_documents("prose", 0, 30):
+        for paragraph in document["text"].split("\n\n"):
+            words = paragraph.split()
+            assert 25 <= len(words) <= 250 and paragraph.isascii()
+            assert sum(w.lower() in COMMON_WORDS for w in words) >= 0.1 * len(words)
+            assert ">>>" not in paragraph
+
+
+def test_code_is_whole_stdlib_definitions():
+    for document in builtin_documents("code", 0, 30):
+        tree = ast.parse(document["text"])
+        assert len(tree.body) == 1
+        assert isinstance(tree.body[0], (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
+
+
+ARITHMETIC = re.compile(r"(-?\$?[\d,.]+(?: [-+x/] -?\$?[\d,.]+)+) = \$?(-?[\d,]+(?:\.\d+)?)")
+
+
+def test_reasoning_solutions_are_correct():
+    checked = 0
+    for document in builtin_documents("reasoning", 0, 200):
+        for message in document["messages"]:
+            if message["role"] != "assistant":
+                continue
+            assert "Final answer: " in message["content"]
+            for expression, value in ARITHMETIC.findall(message["content"]):
+                terms = expression.replace("$", "").replace(",", "").replace(" x ", " * ")
+                exact = eval(re.sub(r"[\d.]+", lambda m: f"Fraction('{m[0]}')", terms))
+                assert abs(exact - Fraction(value.replace(",", ""))) <= Fraction(1, 200), expression
+                checked += 1
+    assert checked > 200
+
+
+def occurrences(word: str, text: str) -> int:
+    return len(re.findall(rf"\b{word}\b", text, re.IGNORECASE))
+
+
+CONSTRAINT_CHECKS = {
+    r"exactly (\d+) bullet points": lambda a, n: (
+        a.split("\n") == [line for line in a.split("\n") if line.startswith("- ")]
+        and len(a.split("\n")) == int(n)
+    ),
+    r"exactly (\d+) numbered points": lambda a, n: (
+        [line.split(".")[0] for line in a.split("\n")] == [str(i) for i in range(1, int(n) + 1)]
+    ),
+    r"exactly (\d+) sentences": lambda a, n: len(re.findall(r"[.!?](?:\s|$)", a)) == int(n),
+    r"(in lowercase letters)": lambda a, _: a == a.lower(),
+    r"(in capital letters)": lambda a, _: a == a.upper(),
+    r"fewer than (\d+) words": lambda a, n: len(a.split()) < int(n),
+    r"End your answer with the exact phrase '(.+?)'": lambda a, p: a.endswith(p),
+    r"Start your answer with the word '(\w+)'": lambda a, w: a.split()[0].strip(".,!") == w,
+    r"exactly (\d+) paragraphs separated by the markdown divider": lambda a, n: (
+        len(a.split("\n\n***\n\n")) == int(n)
+    ),
+    r"(Do not use any commas)": lambda a, _: "," not in a,
+    r"(double angular brackets)": lambda a, _: re.match(r"<<[^<>\n]+>>\n", a) is not None,
+    r"Use the word '(\w+)' exactly twice": lambda a, w: occurrences(w, a) == 2,
+    r"exactly the keys ([\w, ]+)\.": lambda a, keys: set(json.loads(a)) == set(keys.split(", ")),
+}
+
+
+def test_constraint_answers_meet_their_constraints():
+    used = set()
+    for document in builtin_documents("constraints", 0, 400):
+        request, answer = (m["content"] for m in document["messages"])
+        matches = [(p, m) for p in CONSTRAINT_CHECKS if (m := re.search(p, request))]
+        assert len(matches) == 1, request
+        pattern, match = matches[0]
+        assert CONSTRAINT_CHECKS[pattern](answer, match[1]), (request, answer)
+        used.add(pattern)
+    assert used == set(CONSTRAINT_CHECKS)
+
+
+def check_schema(value, schema: dict) -> None:
+    """A small JSON Schema check: types, required and unknown properties, enum, bounds,
+    pattern, format."""
+    kind = schema["type"]
+    if kind == "object":
+        assert set(schema["required"]) <= set(value) <= set(schema["properties"])
+        for key, item in value.items():
+            check_schema(item, schema["properties"][key])
+    elif kind == "array":
+        assert isinstance(value, list)
+        for item in value:
+            check_schema(item, schema["items"])
+    else:
+        types = {"string": str, "integer": int, "number": (int, float)}[kind]
+        assert isinstance(value, types) and not isinstance(value, bool)
+    assert value in schema.get("enum", [value])
+    assert (
+        schema.get("minimum", -np.inf)
+        <= (value if kind in ("integer", "number") else 0)
+        <= schema.get("maximum", np.inf)
+    )
+    if "pattern" in schema:
+        assert re.fullmatch(schema["pattern"].strip("^$"), value)
+    if schema.get("format") == "date":
+        datetime.date.fromisoformat(value)
+    if schema.get("format") == "email":
+        assert re.fullmatch(r"[\w.]+@[\w.]+", value)
+
+
+@pytest.mark.parametrize("domain", ["tool_call", "agent"])
+def test_tool_calls_match_their_schemas_and_get_results(domain):
+    for document in builtin_documents(domain, 0, 60):
+        schemas = {t["function"]["name"]: t["function"]["parameters"] for t in document["tools"]}
+        messages = document["messages"]
+        calls = 0
+        for index, message in enumerate(messages):
+            for number, tool_call in enumerate(message.get("tool_calls", [])):
+                check_schema(
+                    tool_call["function"]["arguments"], schemas[tool_call["function"]["name"]]
+                )
+                reply = messages[index + 1 + number]
+                assert reply["role"] == "tool" and reply["name"] == tool_call["function"]["name"]
+                json.loads(reply["content"])
+                calls += 1
+        assert calls >= (2 if domain == "agent" else 1)
+        assert messages[-1]["role"] == "assistant" and messages[-1]["content"]
+
+
+# --- building ---------------------------------------------------------------------------------
+
+
+def test_build_packs_every_domain_into_windows(tokenizer):
+    cfg = CalibrationConfig(samples_per_domain=2, heldout_per_domain=1, seq_len=128)
+    cal = build_calibration(tokenizer, cfg, MAX_CONTEXT)
+    assert cal.domains == DOMAINS
+    assert cal.tokens.shape == (12, 128) and cal.tokens.dtype == np.int32
+    assert cal.heldout_tokens.shape == (6, 128) and cal.heldout_tokens.dtype == np.int32
+    assert cal.domain_ids.tolist() == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5]
+    assert (
+        cal.heldout_domain_ids.tolist() == [0, 1, 2, 3, 4, 5] and cal.domain_ids.dtype == np.int32
+    )
+    assert (cal.tokens == tokenizer.eos_token_id).any()
+    for domain in DOMAINS[3:]:
+        window = tokenizer.decode(cal.tokens[DOMAINS.index(domain) * 2].tolist())
+        assert "<|im_start|>" in window
+    assert "<tool_call>" in tokenizer.decode(
+        cal.tokens[cal.domain_ids == DOMAINS.index("tool_call")].ravel().tolist()
+    )
+
+
+def test_heldout_windows_share_no_document_with_calibration(tokenizer, tmp_path):
+    path = write_jsonl(tmp_path / "prose.jsonl", numbered_documents(80))
+    cfg = CalibrationConfig(
+        source="files",
+        domains=["prose"],
+        files={"prose": str(path)},
+        samples_per_domain=4,
+        heldout_per_domain=3,
+        seq_len=64,
+    )
+    cal = build_calibration(tokenizer, cfg, MAX_CONTEXT)
+    found = {
+        split: set(re.findall(r"Document (\d+):", tokenizer.decode(tokens.ravel().tolist())))
+        for split, tokens in (("cal", cal.tokens), ("heldout", cal.heldout_tokens))
+    }
+    assert found["cal"] and found["heldout"] and not found["cal"] & found["heldout"]
+    assert cal.documents["prose"]["calibration"] >= len(found["cal"])
+
+
+def test_same_seed_same_tokens_other_seed_other_tokens(tokenizer, tmp_path):
+    cfg = CalibrationConfig(samples_per_domain=1, heldout_per_domain=1, seq_len=96)
+    first = calibrate(tokenizer, cfg, tmp_path / "a")
+    calibrate(tokenizer, cfg, tmp_path / "b")
+    other = calibrate(tokenizer, replace(cfg, seed=1), tmp_path / "c")
+    for name in ("calibration.safetensors", "heldout.safetensors", "manifest.json", "preview.md"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    manifests = [json.loads((tmp_path / d / "manifest.json").read_text()) for d in "ac"]
+    for index in range(len(DOMAINS)):
+        assert not np.array_equal(
+            first.tokens[first.domain_ids == index], other.tokens[other.domain_ids == index]
+        )
+    assert (
+        manifests[0]["splits"]["calibration"]["sha256"]
+        != manifests[1]["splits"]["calibration"]["sha256"]
+    )
+
+
+def test_template_with_tool_support_renders_tools_itself(tmp_path):
+    tools_tokenizer = small_tokenizer(TOOL_CHATML)
+    cfg = CalibrationConfig(
+        domains=["tool_call"], samples_per_domain=2, heldout_per_domain=0, seq_len=256
+    )
+    cal = build_calibration(tools_tokenizer, cfg, MAX_CONTEXT)
+    text = tools_tokenizer.decode(cal.tokens.ravel().tolist())
+    assert "Tools:\n{" in text and '<tool_call>{"name": ' in text
+    assert "You can call these functions" not in text
+    assert cal.heldout_tokens.shape == (0, 256)
+
+
+def test_files_source_reads_jsonl_and_txt(tokenizer, tmp_path):
+    prose = tmp_path / "prose.txt"
+    prose.write_text("\n\n\n".join(d["text"] for d in builtin_documents("prose", 0, 20)) + "\n\n")
+    chats = write_jsonl(tmp_path / "chats.jsonl", builtin_documents("reasoning", 0, 40))
+    cfg = CalibrationConfig(
+        source="files",
+        domains=["prose", "reasoning"],
+        files={"prose": str(prose), "reasoning": str(chats)},
+        seq_len=128,
+    )
+    documents = load_documents(cfg, "reasoning", 40)
+    assert len(documents) == 40 and documents != builtin_documents("reasoning", 0, 40)
+    assert load_documents(cfg, "reasoning", 7) == documents[:7]
+    assert load_documents(replace(cfg, seed=5), "reasoning", 7) != documents[:7]
+    paragraphs = load_documents(cfg, "prose", 1000)
+    assert all(set(d) == {"text"} and d["text"].strip() == d["text"] for d in paragraphs)
+    cal = calibrate(tokenizer, cfg, tmp_path / "out")
+    assert cal.tokens.shape == (4, 128)
+
+
+def hf_cache(root: Path, repo: str, files: dict[str, str]) -> None:
+    """A Hugging Face hub cache holding ``files`` of dataset ``repo`` at its main revision."""
+    commit = "0" * 40
+    folder = root / f"datasets--{repo.replace('/', '--')}"
+    (folder / "refs").mkdir(parents=True)
+    (folder / "refs" / "main").write_text(commit)
+    for name, text in files.items():
+        (folder / "snapshots" / commit).mkdir(parents=True, exist_ok=True)
+        (folder / "snapshots" / commit / name).write_text(text)
+
+
+@pytest.fixture
+def offline_hub(tmp_path, monkeypatch) -> Path:
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    return tmp_path / "hub"
+
+
+def test_hf_source_parses_the_downloaded_file(tokenizer, offline_hub):
+    hf_cache(
+        offline_hub,
+        "mixq/calib",
+        {"code.jsonl": "".join(json.dumps(d) + "\n" for d in numbered_documents(30))},
+    )
+    cfg = CalibrationConfig(
+        source="hf",
+        domains=["code"],
+        hf_repo="mixq/calib",
+        hf_files={"code": "code.jsonl"},
+        seq_len=64,
+    )
+    assert len(load_documents(cfg, "code", 100)) == 30
+    assert build_calibration(tokenizer, cfg, MAX_CONTEXT).tokens.shape == (2, 64)
+
+
+def test_hf_source_unreachable_is_one_clear_error(tokenizer, offline_hub, tmp_path):
+    cfg = CalibrationConfig(
+        source="hf", domains=["code"], hf_repo="mixq/calib", hf_files={"code": "code.jsonl"}
+    )
+    with pytest.raises(
+        CalibrationError,
+        match=r"calibration\.hf_files\.code: cannot download code\.jsonl "
+        r"from dataset mixq/calib@main",
+    ):
+        calibrate(tokenizer, cfg, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+# --- validation -------------------------------------------------------------------------------
+
+
+def files_config(tmp_path: Path, name: str, content: bytes) -> CalibrationConfig:
+    (tmp_path / name).write_bytes(content)
+    return CalibrationConfig(source="files", domains=["code"], files={"code": str(tmp_path / name)})
+
+
+INVALID = {
+    "empty file": (
+        lambda t: files_config(t, "code.jsonl", b""),
+        r"calibration\.files\.code \(.*code\.jsonl\): file is empty",
+    ),
+    "blank file": (
+        lambda t: files_config(t, "code.txt", b"\n \n\n"),
+        r"code\.txt\): file is empty",
+    ),
+    "not utf-8": (
+        lambda t: files_config(t, "code.txt", "café\n".encode("latin-1")),
+        r"code\.txt\): not UTF-8 text \(byte 0xe9 at offset 3\)",
+    ),
+    "no usable samples": (
+        lambda t: files_config(t, "code.jsonl", b'{"text": "  "}\n{"body": "x"}\n[1]\n'),
+        r"code\.jsonl\): no usable samples",
+    ),
+    "bad json": (
+        lambda t: files_config(t, "code.jsonl", b'{"text": "a"}\n{"text": \n'),
+        r"code\.jsonl\): line 2 is not valid JSON",
+    ),
+    "unsupported type": (
+        lambda t: files_config(t, "code.csv", b"text\nhello\n"),
+        r"code\.csv\): unsupported file type '\.csv'",
+    ),
+    "missing file": (
+        lambda t: CalibrationConfig(
+            source="files", domains=["code"], files={"code": str(t / "nope.jsonl")}
+        ),
+        r"nope\.jsonl\): cannot read the file \(No such file",
+    ),
+    "no file configured": (
+        lambda t: CalibrationConfig(source="files", domains=["prose"], files={"code": "x.txt"}),
+        r"calibration\.files\.prose: no file configured",
+    ),
+    "no hf file configured": (
+        lambda t: CalibrationConfig(source="hf", domains=["agent"], hf_repo="a/b"),
+        r"calibration\.hf_files\.agent: no file configured",
+    ),
+    "no hf repo": (
+        lambda t: CalibrationConfig(source="hf", domains=["code"], hf_files={"code": "c.jsonl"}),
+        r"calibration\.hf_repo: not set",
+    ),
+    "unknown domain": (
+        lambda t: CalibrationConfig(domains=["prose", "poetry"]),
+        r"calibration\.domains: unknown domain 'poetry'",
+    ),
+    "duplicate domain": (
+        lambda t: CalibrationConfig(domains=["code", "code"]),
+        r"'code' is listed twice",
+    ),
+    "unknown source": (
+        lambda t: CalibrationConfig(source="s3"),
+        r"calibration\.source: unknown source 's3'",
+    ),
+    "seq_len over context": (
+        lambda t: CalibrationConfig(seq_len=MAX_CONTEXT + 1),
+        r"calibration\.seq_len=2049 must be between 1 and the model's context length 2048",
+    ),
+    "no samples": (
+        lambda t: CalibrationConfig(samples_per_domain=0),
+        r"calibration\.samples_per_domain must be >= 1, got 0",
+    ),
+    "negative heldout": (
+        lambda t: CalibrationConfig(heldout_per_domain=-1),
+        r"calibration\.heldout_per_domain must be >= 0",
+    ),
+    "not enough text": (
+        lambda t: files_config(t, "code.txt", b"def f():\n    return 1\n\nx = 2\n"),
+        r"calibration\.code: not enough text: 2 documents give "
+        r"\d+/512 calibration tokens, \d+/256 heldout tokens",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", INVALID)
+def test_invalid_settings_or_data_fail_clearly_without_output(tokenizer, tmp_path, case):
+    make_config, message = INVALID[case]
+    out = tmp_path / "calibration"
+    with pytest.raises(CalibrationError, match=message):
+        calibrate(tokenizer, make_config(tmp_path), out)
+    assert not out.exists() and not (tmp_path / "calibration.tmp").exists()
+
+
+def test_chat_documents_need_a_chat_template(tmp_path):
+    with pytest.raises(CalibrationError, match=r"calibration\.agent: cannot render a chat"):
+        calibrate(
+            small_tokenizer(chat_template=None),
+            CalibrationConfig(domains=["agent"]),
+            tmp_path / "out",
+        )
+    assert not (tmp_path / "out").exists()
+
+
+def test_skips_unusable_records_with_a_warning(tmp_path, caplog):
+    records = [
+        {"text": "kept"},
+        {"text": ""},
+        {"messages": [{"content": "no role"}]},
+        {"messages": [{"role": "user", "content": "hi"}]},
+    ]
+    cfg = CalibrationConfig(
+        source="files",
+        domains=["agent"],
+        files={"agent": str(write_jsonl(tmp_path / "a.jsonl", records))},
+    )
+    assert len(load_documents(cfg, "agent", 10)) == 2
+    assert "skipped 2 of 4 records" in caplog.text
+
+
+# --- writing and reading ----------------------------------------------------------------------
+
+
+def test_write_and_read_calibration(tokenizer, tmp_path):
+    cfg = CalibrationConfig(samples_per_domain=2, heldout_per_domain=1, seq_len=64)
+    out = tmp_path / "calibration"
+    out.mkdir()
+    (out / "stale.txt").write_text("from an earlier run")
+    cal = calibrate(tokenizer, cfg, out)
+    assert sorted(p.name for p in out.iterdir()) == [
+        "calibration.safetensors",
+        "heldout.safetensors",
+        "manifest.json",
+        "preview.md",
+    ]
+    assert not (tmp_path / "calibration.tmp").exists()
+
+    tensors = load_file(out / "calibration.safetensors") | load_file(out / "heldout.safetensors")
+    assert {k: (v.dtype, v.shape) for k, v in tensors.items()} == {
+        "tokens": (np.int32, (12, 64)),
+        "domain_ids": (np.int32, (12,)),
+        "heldout_tokens": (np.int32, (6, 64)),
+        "heldout_domain_ids": (np.int32, (6,)),
+    }
+    info = json.loads((out / "manifest.json").read_text())
+    assert info["splits"]["calibration"] == {
+        "file": "calibration.safetensors",
+        "sequences": 12,
+        "tokens": 768,
+        "sha256": content_hash(cal.tokens, cal.domain_ids),
+    }
+    assert info["per_domain"]["code"]["heldout"]["sequences"] == 1
+    assert info["per_domain"]["code"]["calibration"]["sha256"] == content_hash(cal.tokens[4:6])
+    assert info["per_domain"]["agent"]["calibration"]["documents"] >= 1
+    assert info["tokenizer"]["name"] == "test-tokenizer" and info["tokenizer"]["vocab_size"] == len(
+        tokenizer.get_vocab()
+    )
+    assert len(info["tokenizer"]["chat_template_sha256"]) == 64
+    assert info["config"]["seq_len"] == 64 and info["config"]["source"] == "builtin"
+
+    preview = (out / "preview.md").read_text()
+    assert "| constraints | 2 | 128 |" in preview and "## tool_call" in preview
+    assert cal.excerpts["reasoning"] in preview and cal.excerpts["reasoning"].startswith(
+        "<|im_start|>"
+    )
+
+    again = read_calibration(out)
+    assert again.domains == DOMAINS and again.seq_len == 64
+    for field in ("tokens", "domain_ids", "heldout_tokens", "heldout_domain_ids"):
+        assert np.array_equal(getattr(again, field), getattr(cal, field))
+    assert (again.documents, again.tokenizer, again.excerpts) == (
+        cal.documents,
+        cal.tokenizer,
+        cal.excerpts,
+    )
+
+
+def test_failed_write_keeps_the_previous_output(tokenizer, tmp_path):
+    cfg = CalibrationConfig(domains=["prose"], seq_len=32)
+    out = tmp_path / "calibration"
+    calibrate(tokenizer, cfg, out)
+    before = (out / "manifest.json").read_text()
+    broken = replace(build_calibration(tokenizer, replace(cfg, seed=1), MAX_CONTEXT), documents={})
+    with pytest.raises(KeyError):
+        write_calibration(broken, out, "test-tokenizer", cfg)
+    assert (out / "manifest.json").read_text() == before
+    assert not (tmp_path / "calibration.tmp").exists()
+
+
+# --- the real model tokenizer -----------------------------------------------------------------
+
+
+def test_smollm2_end_to_end(smollm2_dir, tmp_path):
+    smollm2 = AutoTokenizer.from_pretrained(smollm2_dir)
+    cfg = CalibrationConfig(samples_per_domain=2, heldout_per_domain=1, seq_len=256)
+    cal = calibrate(smollm2, cfg, tmp_path / "a")
+    assert cal.tokens.shape == (12, 256) and cal.heldout_tokens.shape == (6, 256)
+    assert cal.tokens.max() < len(smollm2.get_vocab())
+    for domain in DOMAINS[3:]:
+        rows = cal.tokens[cal.domain_ids == DOMAINS.index(domain)]
+        assert "<|im_start|>" in smollm2.decode(rows.ravel().tolist())
+
+    same = calibrate(
+        load_tokenizer(smollm2_dir), cfg, tmp_path / "b"
+    )  # as the calibrate stage does
+    assert np.array_equal(same.tokens, cal.tokens) and np.array_equal(
+        same.heldout_tokens, cal.heldout_tokens
+    )
+    a, b = (json.loads((tmp_path / d / "manifest.json").read_text()) for d in "ab")
+    assert a["splits"] == b["splits"] and a["per_domain"] == b["per_domain"]
+    other = build_calibration(smollm2, replace(cfg, seed=7), MAX_CONTEXT)
+    for index in range(len(DOMAINS)):
+        assert not np.array_equal(
+            cal.tokens[cal.domain_ids == index], other.tokens[other.domain_ids == index]
+        )
+
+    code = DOMAINS.index("code")
+    calibration_text = smollm2.decode(cal.tokens[cal.domain_ids == code].ravel().tolist())
+    heldout_text = smollm2.decode(
+        cal.heldout_tokens[cal.heldout_domain_ids == code].ravel().tolist()
+    )
+    starts = [d["text"][:80] for d in builtin_documents("code", cfg.seed, 40)]
+    assert any(s in calibration_text for s in starts) and any(s in heldout_text for s in starts)
+    assert not [s for s in starts if s in calibration_text and s in heldout_text]
