@@ -19,6 +19,7 @@ from mixq.budget import (
     bits_range,
     budget_bits,
     candidate_dict,
+    is_applicable,
     feasible_bpw_range,
     layer_bits,
     layer_choices,
@@ -268,3 +269,38 @@ def allocate(
     }
     plan["summary"] = {**summary, **model_bpw(plan, table, dtype_bits)}
     return plan
+
+
+def uniform_plan(table: Mapping[str, Any], candidate: Any, dtype_bits: int = 16) -> Dict[str, Any]:
+    """Every layer the candidate applies to at ``candidate`` (the uniform baselines); same
+    format as :func:`allocate`'s plan."""
+    c = candidate_dict(candidate)
+    kl = {layer["path"]: layer["kl"] for layer in table["layers"]}
+    layers = {
+        layer["path"]: {
+            "bits": c["bits"],
+            "group_size": c["group_size"],
+            "mode": c["mode"],
+            "candidate": c["name"],
+            "protected": False,
+            "kl": kl[layer["path"]].get(c["name"], {}).get("mean"),
+        }
+        for layer in table["layers"]
+        if is_applicable(layer["shape"], c)
+    }
+    plan: Dict[str, Any] = {"layers": layers}
+    known = [v["kl"] for v in layers.values()]
+    summary = {
+        "allocator": f"uniform {c['name']}",
+        "predicted_kl": sum(known) if None not in known else None,
+        "unquantized_layers": sorted({layer["path"] for layer in table["layers"]} - set(layers)),
+    }
+    plan["summary"] = {**summary, **model_bpw(plan, table, dtype_bits)}
+    return plan
+
+
+def plan_metrics(plan: Mapping[str, Any]) -> Dict[str, Any]:
+    """The headline numbers of a plan, for ``dvc metrics``/``dvc exp show``."""
+    s = plan["summary"]
+    keys = ("bpw", "quantized_bpw", "weight_bytes", "predicted_kl", "greedy_gap")
+    return {k: s[k] for k in keys if k in s}

@@ -74,7 +74,7 @@ class QuantConfig:
     candidates: List[Candidate] = field(
         default_factory=lambda: [Candidate(4, 64), Candidate(8, 64)]
     )
-    target_bpw: float = 4.5
+    target_bpw: float = 5.0
     allocator: str = "optimal"
     protect: List[ProtectRule] = field(default_factory=list)
     dtype: str = "bfloat16"
@@ -82,7 +82,7 @@ class QuantConfig:
 
 @dataclass
 class MeasureConfig:
-    method: str = "exact"
+    method: str = "fisher"
     reference: str = "auto"
     chunk_tokens: int = 512
     shard: Optional[str] = None

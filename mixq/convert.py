@@ -8,7 +8,6 @@ and the tensor bytes), so a checkpoint that disagrees with its plan never leaves
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 from pathlib import Path
@@ -18,7 +17,9 @@ import mlx.core as mx
 from mlx.utils import tree_map
 from mlx_lm.utils import load_model, quantize_model, save_config, save_model
 
-from mixq.budget import layer_bits, model_bpw
+from mixq.budget import candidate_dict, dtype_bits, layer_bits, model_bpw
+from mixq.config import QuantConfig
+from mixq.io import read_json, write_json
 from mixq.quantize import DTYPES
 
 log = logging.getLogger("mixq")
@@ -66,7 +67,7 @@ def write_checkpoint(
     ``mixq/`` sidecar (plan, sensitivity table); verify it; return the verification report."""
     model, config = load_model(source_dir)
     qconfig = quantize_to_plan(model, config, plan["layers"], dtype)
-    out_dir.mkdir(parents=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
     save_model(out_dir, model, donate_model=True)
     save_config(qconfig, out_dir / "config.json")
     for pattern in SIDE_FILES:
@@ -74,8 +75,8 @@ def write_checkpoint(
             shutil.copy(f, out_dir / f.name)
     sidecar = out_dir / "mixq"
     sidecar.mkdir()
-    (sidecar / "plan.json").write_text(json.dumps(plan, indent=1))
-    (sidecar / "sensitivity.json").write_text(json.dumps(table, indent=1))
+    write_json(sidecar / "plan.json", plan)
+    write_json(sidecar / "sensitivity.json", table)
     return verify_checkpoint(out_dir, plan, table, dtype)
 
 
@@ -85,9 +86,7 @@ def verify_checkpoint(
     """Read ``ckpt_dir`` back: every planned layer stored with its bits, group size and mode,
     nothing else quantized, tensor bytes equal to the plan's prediction. Raises
     :class:`CheckpointMismatchError` listing the first mismatches."""
-    from mixq.budget import dtype_bits
-
-    config = json.loads((ckpt_dir / "config.json").read_text())
+    config = read_json(ckpt_dir / "config.json")
     weights = {}
     for f in sorted(ckpt_dir.glob("*.safetensors")):
         weights.update(mx.load(str(f)))
@@ -120,3 +119,22 @@ def verify_checkpoint(
     log.info("verified %s: %d layers, %.3f bpw, %d bytes", ckpt_dir, report["layers"],
              report["bpw"], total_bytes)
     return report
+
+
+def smoke_generate(ckpt_dir: Path, prompt: str = "What is the capital of France?") -> str:
+    """Load ``ckpt_dir`` with stock ``mlx_lm.load`` and greedily answer ``prompt`` (a chat)."""
+    import mlx_lm
+
+    model, tokenizer = mlx_lm.load(str(ckpt_dir))
+    chat = [{"role": "user", "content": prompt}]
+    text = tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
+    return mlx_lm.generate(model, tokenizer, text, max_tokens=16)
+
+
+def baseline_candidates(quant: QuantConfig) -> list[dict]:
+    """Uniform comparison quants: every configured candidate, plus affine 4-bit at the
+    smallest configured affine group size (64 if none) when it is not among them."""
+    candidates = [candidate_dict(c) for c in quant.candidates]
+    groups = [c["group_size"] for c in candidates if c["mode"] == "affine"]
+    four = candidate_dict({"bits": 4, "group_size": min(groups, default=64), "mode": "affine"})
+    return candidates + ([four] if four not in candidates else [])

@@ -73,11 +73,9 @@ def stdlib_sources() -> list[Path]:
 
 
 def text_sources() -> list[Path]:
-    """Licence and package-metadata texts: Python's own and those of installed distributions."""
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    site = Path(sysconfig.get_paths()["purelib"])
-    licences = [p for p in site.glob("*.dist-info/*") if p.name.startswith(("LICEN", "COPYING"))]
-    return sorted([stdlib / "LICENSE.txt", *site.glob("*.dist-info/METADATA"), *licences])
+    """Python's own licence text. Only what ships with Python, so the calibration set depends
+    on the Python version alone, not on which packages happen to be installed."""
+    return [Path(sysconfig.get_paths()["stdlib"]) / "LICENSE.txt"]
 
 
 def is_prose(paragraph: str) -> bool:

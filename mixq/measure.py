@@ -108,13 +108,18 @@ def record_block_outputs(model: nn.Module, tokens: mx.array) -> tuple[mx.array, 
     return logits, outputs
 
 
-def token_kl(p_ref: mx.array, z_ref: mx.array, z: mx.array) -> mx.array:
-    """KL(p_ref || softmax(z)) per token, float32 [...], from probabilities p_ref and logits
-    z_ref, z [..., V]: with d = z - z_ref, KL = log(1 + E[expm1 d]) - E[d]."""
+def cumulant_kl(p_ref: mx.array, z_ref: mx.array, z: mx.array) -> mx.array:
+    """KL(p_ref || softmax(z)) per token from probabilities p_ref and logits z_ref, z [..., V]:
+    with d = z - z_ref, KL = log(1 + E_p[expm1 d]) - E_p[d]."""
     d = z.astype(mx.float32) - z_ref
-    s = (p_ref * mx.expm1(d)).sum(-1)
-    kl = mx.log1p(s) - (p_ref * d).sum(-1)
-    if not mx.all(mx.isfinite(kl)).item():  # huge logit shifts: the shifted form
+    return mx.log1p((p_ref * mx.expm1(d)).sum(-1)) - (p_ref * d).sum(-1)
+
+
+def token_kl(p_ref: mx.array, z_ref: mx.array, z: mx.array) -> mx.array:
+    """:func:`cumulant_kl`, falling back to the max-shifted form where expm1 overflows."""
+    kl = cumulant_kl(p_ref, z_ref, z)
+    if not mx.all(mx.isfinite(kl)).item():
+        d = z.astype(mx.float32) - z_ref
         m = d.max(-1, keepdims=True)
         shifted = m.squeeze(-1) + mx.log((p_ref * mx.exp(d - m)).sum(-1))
         kl = mx.where(mx.isfinite(kl), kl, shifted - (p_ref * d).sum(-1))

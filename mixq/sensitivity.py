@@ -4,10 +4,8 @@ and read/write it (JSON for tools, CSV for people, a heatmap PNG for eyes)."""
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import os
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +16,7 @@ from mixq.budget import candidate_dict, candidate_name
 from mixq.config import MeasureConfig, QuantConfig
 from mixq.fisher import measure_fisher
 from mixq.layers import quantizable_layers, unquantized_params
+from mixq.io import atomic_dir, read_json, write_json
 from mixq.measure import measure_exact, measurement_key
 
 log = logging.getLogger("mixq")
@@ -76,29 +75,25 @@ def measure_sensitivity(
 
 def write_table(table: dict, out_dir: Path) -> None:
     """``sensitivity.json``, ``sensitivity.csv`` (one row per layer x candidate) and
-    ``heatmap.png`` in ``out_dir``, written to a temporary folder and renamed at the end."""
+    ``heatmap.png`` in ``out_dir`` (written atomically)."""
     from mixq.plots import plot_sensitivity_heatmap
 
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    (tmp / "sensitivity.json").write_text(json.dumps(table, indent=1))
-    with open(tmp / "sensitivity.csv", "w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["layer", "kind", "params", "candidate", "kl_mean", "kl_p95", "kl_max"])
-        for layer in table["layers"]:
-            for name, kl in layer["kl"].items():
-                writer.writerow(
-                    [layer["path"], layer["kind"], layer["params"], name]
-                    + [kl["mean"], kl["p95"], kl["max"]]
-                )
-    plot_sensitivity_heatmap(table, tmp / "heatmap.png")
-    shutil.rmtree(out_dir, ignore_errors=True)
-    tmp.rename(out_dir)
+    with atomic_dir(out_dir) as tmp:
+        write_json(tmp / "sensitivity.json", table)
+        with open(tmp / "sensitivity.csv", "w", newline="") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(["layer", "kind", "params", "candidate", "kl_mean", "kl_p95", "kl_max"])
+            for layer in table["layers"]:
+                for name, kl in layer["kl"].items():
+                    writer.writerow(
+                        [layer["path"], layer["kind"], layer["params"], name]
+                        + [kl["mean"], kl["p95"], kl["max"]]
+                    )
+        plot_sensitivity_heatmap(table, tmp / "heatmap.png")
 
 
 def read_table(path: Path) -> dict:
-    return json.loads(Path(path).read_text())
+    return read_json(path)
 
 
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
