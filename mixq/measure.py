@@ -21,6 +21,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass
+from typing import NamedTuple
 from pathlib import Path
 
 import mlx.core as mx
@@ -74,7 +75,7 @@ def first_block_affected(model: nn.Module, layer: Layer) -> int:
     """Index of the first block whose input changes when ``layer`` changes."""
     if layer.block is not None:
         return layer.block
-    if get_module(model, layer.path) is getattr(model, "lm_head", None):
+    if layer.path.rsplit(".", 1)[-1] == "lm_head":  # mlx-lm's name for an untied head
         return len(model.layers)
     return 0  # embeddings (also the tied head) and anything else: run everything
 
@@ -108,22 +109,48 @@ def record_block_outputs(model: nn.Module, tokens: mx.array) -> tuple[mx.array, 
     return logits, outputs
 
 
-def cumulant_kl(p_ref: mx.array, z_ref: mx.array, z: mx.array) -> mx.array:
-    """KL(p_ref || softmax(z)) per token from probabilities p_ref and logits z_ref, z [..., V]:
-    with d = z - z_ref, KL = log(1 + E_p[expm1 d]) - E_p[d]."""
-    d = z.astype(mx.float32) - z_ref
-    return mx.log1p((p_ref * mx.expm1(d)).sum(-1)) - (p_ref * d).sum(-1)
+LARGE_SHIFT = 40.0  # logit shifts beyond this need the direct form (see token_kl)
 
 
-def token_kl(p_ref: mx.array, z_ref: mx.array, z: mx.array) -> mx.array:
-    """:func:`cumulant_kl`, falling back to the max-shifted form where expm1 overflows."""
-    kl = cumulant_kl(p_ref, z_ref, z)
-    if not mx.all(mx.isfinite(kl)).item():
-        d = z.astype(mx.float32) - z_ref
-        m = d.max(-1, keepdims=True)
-        shifted = m.squeeze(-1) + mx.log((p_ref * mx.exp(d - m)).sum(-1))
-        kl = mx.where(mx.isfinite(kl), kl, shifted - (p_ref * d).sum(-1))
-    return mx.maximum(kl, 0.0)
+class LogitsRef(NamedTuple):
+    """The reference side of the KL for some tokens: probabilities ``p`` and logits ``z``
+    [..., V] float32; logsumexp ``lse`` and the sum of the stored ``p`` ``psum`` [...] float64
+    (MLX's float32 softmax sums to 1 only within ~4e-5, far above 8-bit KLs)."""
+
+    p: mx.array
+    z: mx.array
+    lse: mx.array
+    psum: mx.array
+
+
+def reference_logits(logits: mx.array) -> LogitsRef:
+    z = logits.astype(mx.float32)
+    lse = mx.logsumexp(z.astype(mx.float64), axis=-1)
+    p = mx.exp(z - lse.astype(mx.float32)[..., None])
+    return LogitsRef(p, z, lse, p.astype(mx.float64).sum(-1))
+
+
+def token_kl(ref: LogitsRef, z: mx.array) -> mx.array:
+    """KL(p_ref || softmax(z)) per token [...] for perturbed logits ``z`` [..., V].
+
+    With d = z - z_ref and any shift m: KL = log E_p[exp(d - m)] - (E_p[d] - m). Taking m =
+    E_p[d] (rounded to float32) makes E_p[expm1(d - m)] ~ KL small, so log1p keeps the ~1e-6
+    KLs of 8-bit layers accurate; sums accumulate in float64 and are normalized by the exact
+    sum of p. Tokens the perturbation changes drastically (E_p[exp(d - m)] < 1/2, or a shift
+    > LARGE_SHIFT where a word's float32 p may have underflowed) use log E_p[exp d] =
+    logsumexp(z) - lse_ref instead.
+    """
+    z = z.astype(mx.float32)
+    d = z - ref.z
+    mean_d = (ref.p * d).astype(mx.float64).sum(-1) / ref.psum
+    m = mean_d.astype(mx.float32)
+    s = (ref.p * mx.expm1(d - m[..., None])).astype(mx.float64).sum(-1) / ref.psum
+    kl = mx.log1p(mx.maximum(s, -0.5)) - (mean_d - m)
+    drastic = (s < -0.5) | (d.max(-1) > LARGE_SHIFT)
+    if mx.any(drastic).item():
+        direct = mx.logsumexp(z.astype(mx.float64), axis=-1) - ref.lse - mean_d
+        kl = mx.where(drastic, direct, kl)
+    return mx.maximum(kl, 0.0).astype(mx.float32)
 
 
 def kl_summary(kl: np.ndarray) -> dict[str, float]:
@@ -136,21 +163,27 @@ def kl_summary(kl: np.ndarray) -> dict[str, float]:
 
 @dataclass
 class Reference:
-    """Reference data for chunk c: block outputs (in memory), p and z (memory-mapped)."""
+    """Reference data: per chunk the block outputs (in memory); per token p and z
+    (memory-mapped [tokens, V]) and lse, psum (in memory [tokens])."""
 
     chunks: list[mx.array]
     outputs: list[list[mx.array]]
     p: np.memmap
     z: np.memmap
+    lse: np.ndarray
+    psum: np.ndarray
 
-    def logspace(self, c: int) -> tuple[mx.array, mx.array]:
+    def logits(self, c: int) -> LogitsRef:
+        """The :class:`LogitsRef` of chunk ``c`` ([B, T, V] and [B, T])."""
         b, t = self.chunks[c].shape
         start = sum(x.size for x in self.chunks[:c])
         rows = slice(start, start + b * t)
         v = self.p.shape[-1]
-        return (
+        return LogitsRef(
             mx.array(self.p[rows]).reshape(b, t, v),
             mx.array(self.z[rows]).reshape(b, t, v),
+            mx.array(self.lse[rows]).reshape(b, t),
+            mx.array(self.psum[rows]).reshape(b, t),
         )
 
 
@@ -164,24 +197,26 @@ def build_reference(model: nn.Module, chunks: list[mx.array], work_dir: Path) ->
     """One reference pass: block outputs in memory, p/z on disk under ``work_dir``."""
     n_tokens = sum(c.size for c in chunks)
     outputs, p_file, z_file = [], None, None
+    lse, psum = np.empty(n_tokens), np.empty(n_tokens)
     row = 0
     for chunk in tqdm(chunks, desc="reference pass", unit="chunk"):
         logits, block_out = record_block_outputs(model, chunk)
-        logits = logits.astype(mx.float32)
-        p = mx.softmax(logits, axis=-1)
-        mx.eval(p, logits, *block_out)
+        ref = reference_logits(logits)
+        mx.eval(ref, *block_out)
         outputs.append(block_out)
         if p_file is None:
-            shape = (n_tokens, logits.shape[-1])
+            shape = (n_tokens, ref.z.shape[-1])
             p_file = np.lib.format.open_memmap(work_dir / "ref_p.npy", "w+", np.float32, shape)
             z_file = np.lib.format.open_memmap(work_dir / "ref_z.npy", "w+", np.float32, shape)
         n = chunk.size
-        p_file[row : row + n] = np.array(p.reshape(n, -1))
-        z_file[row : row + n] = np.array(logits.reshape(n, -1))
+        p_file[row : row + n] = np.array(ref.p.reshape(n, -1))
+        z_file[row : row + n] = np.array(ref.z.reshape(n, -1))
+        lse[row : row + n] = np.array(ref.lse.reshape(n))
+        psum[row : row + n] = np.array(ref.psum.reshape(n))
         row += n
     p_file.flush()
     z_file.flush()
-    return Reference(chunks, outputs, p_file, z_file)
+    return Reference(chunks, outputs, p_file, z_file, lse, psum)
 
 
 def measure_layer_kl(
@@ -195,9 +230,8 @@ def measure_layer_kl(
     try:
         module.weight = fake_quantize(original, candidate, dtype)
         for c, chunk in enumerate(ref.chunks):
-            p_ref, z_ref = ref.logspace(c)
             logits = logits_with_replay(model, chunk, ref.outputs[c], start)
-            kl = token_kl(p_ref, z_ref, logits)
+            kl = token_kl(ref.logits(c), logits)
             mx.eval(kl)
             kls.append(np.array(kl).reshape(-1))
     finally:

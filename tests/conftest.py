@@ -24,3 +24,74 @@ def smollm2(smollm2_dir: Path):
     import mlx_lm
 
     return mlx_lm.load(str(smollm2_dir))
+
+
+def tiny_llama(vocab_size: int = 49152, layers: int = 2, seed: int = 0):
+    """A random-weight Llama (hidden 64) from mlx-lm's own model class, float32."""
+    import mlx.core as mx
+    from mlx_lm.models import llama
+
+    mx.random.seed(seed)
+    args = llama.ModelArgs(
+        model_type="llama", hidden_size=64, num_hidden_layers=layers, intermediate_size=128,
+        num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5,
+        vocab_size=vocab_size, tie_word_embeddings=True, max_position_embeddings=2048,
+    )
+    model = llama.Model(args)
+    mx.eval(model.parameters())
+    return model
+
+
+def tiny_qwen35_hybrid(seed: int = 0):
+    """A random-weight Qwen3.5-style hybrid: Gated DeltaNet (linear attention) layers with a
+    full-attention layer every 2nd block, from mlx-lm's qwen3_5 classes."""
+    import mlx.core as mx
+    from mlx_lm.models import qwen3_5
+
+    mx.random.seed(seed)
+    text = dict(
+        model_type="qwen3_5_text", hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=256,
+        linear_num_value_heads=4, linear_num_key_heads=2, linear_key_head_dim=16,
+        linear_value_head_dim=16, full_attention_interval=2, tie_word_embeddings=False,
+    )
+    model = qwen3_5.Model(qwen3_5.ModelArgs(model_type="qwen3_5", text_config=text))
+    mx.eval(model.parameters())
+    return model
+
+
+def tiny_moe(seed: int = 0):
+    """A random-weight mixture-of-experts model (mlx-lm's qwen3_moe, SwitchLinear experts)."""
+    import mlx.core as mx
+    from mlx_lm.models import qwen3_moe
+
+    mx.random.seed(seed)
+    args = qwen3_moe.ModelArgs(
+        model_type="qwen3_moe", hidden_size=64, num_hidden_layers=2, intermediate_size=128,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-6,
+        vocab_size=256, num_experts=4, num_experts_per_tok=2, decoder_sparse_step=1,
+        mlp_only_layers=[], moe_intermediate_size=64, rope_theta=10000.0,
+        tie_word_embeddings=False, max_position_embeddings=2048, norm_topk_prob=True,
+    )
+    model = qwen3_moe.Model(args)
+    mx.eval(model.parameters())
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An MLX model dir: a 2-block random Llama with SmolLM2's real tokenizer and chat
+    template (fast stand-in for pipeline tests)."""
+    import json
+    import shutil
+
+    from mlx_lm.utils import save_model
+
+    out = tmp_path_factory.mktemp("tiny") / "tiny-llama"
+    model = tiny_llama()
+    save_model(out, model)
+    config = {**model.args.__dict__, "architectures": ["LlamaForCausalLM"]}
+    (out / "config.json").write_text(json.dumps(config))
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        shutil.copy(smollm2_dir / name, out / name)
+    return out
