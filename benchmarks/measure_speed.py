@@ -29,9 +29,9 @@ from mixq.budget import candidate_name
 from mixq.calibration import build_calibration
 from mixq.config import CalibrationConfig, Candidate, MeasureConfig, ModelConfig
 from mixq.fisher import measure_fisher
-from mixq.layers import applicable_candidates, quantizable_layers
+from mixq.layers import applicable_candidates, get_module, quantizable_layers
 from mixq.measure import (
-    build_reference, get_module, kl_summary, measure_layer_kl, split_chunks, token_kl,
+    build_reference, kl_summary, measure_layer_kl, split_chunks, token_kl,
 )
 from mixq.prepare import prepare_model
 from mixq.quantize import fake_quantize

@@ -21,8 +21,7 @@ from tqdm import tqdm
 
 from mixq.budget import candidate_name
 from mixq.config import Candidate
-from mixq.layers import Layer, applicable_candidates
-from mixq.measure import get_module
+from mixq.layers import Layer, applicable_candidates, get_module
 from mixq.quantize import fake_quantize
 
 log = logging.getLogger("mixq")

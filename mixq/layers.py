@@ -34,6 +34,14 @@ class Layer:
         return n
 
 
+def get_module(model: nn.Module, path: str) -> nn.Module:
+    """The submodule at a dotted ``path`` ("model.layers.3.mlp.up_proj")."""
+    module = model
+    for part in path.split("."):
+        module = module[int(part)] if isinstance(module, list) else module[part]
+    return module
+
+
 def layer_kind(module: nn.Module) -> str:
     if isinstance(module, nn.Embedding):
         return "embedding"

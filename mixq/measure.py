@@ -33,7 +33,7 @@ import mixq
 from mixq.budget import candidate_name
 from mixq.config import Candidate, MeasureConfig
 from mixq.layers import Layer, applicable_candidates, quantizable_layers
-from mixq.quantize import fake_quantize
+from mixq.reference import FloatWeights, quantized_layer
 
 log = logging.getLogger("mixq")
 
@@ -62,13 +62,6 @@ class Record(Replay):
     def __call__(self, x, *args, **kwargs):
         self.output = self.block(x, *args, **kwargs)
         return self.output
-
-
-def get_module(model: nn.Module, path: str) -> nn.Module:
-    module = model
-    for part in path.split("."):
-        module = module[int(part)] if isinstance(module, list) else module[part]
-    return module
 
 
 def first_block_affected(model: nn.Module, layer: Layer) -> int:
@@ -220,26 +213,30 @@ def build_reference(model: nn.Module, chunks: list[mx.array], work_dir: Path) ->
 
 
 def measure_layer_kl(
-    model: nn.Module, layer: Layer, candidate: Candidate, dtype: str, ref: Reference
+    model: nn.Module,
+    layer: Layer,
+    candidate: Candidate,
+    dtype: str,
+    ref: Reference,
+    floats: dict[str, nn.Module] | None = None,
+    weights: FloatWeights | None = None,
 ) -> np.ndarray:
-    """Per-token KL [n_tokens] with only ``layer`` quantized to ``candidate``."""
-    module = get_module(model, layer.path)
-    original = module.weight
+    """Per-token KL [n_tokens] with only ``layer`` quantized to ``candidate`` (``floats`` and
+    ``weights``: a quantized reference's float layers, see :mod:`mixq.reference`)."""
     start = first_block_affected(model, layer)
     kls = []
-    try:
-        module.weight = fake_quantize(original, candidate, dtype)
+    with quantized_layer(model, layer, candidate, dtype, floats, weights):
         for c, chunk in enumerate(ref.chunks):
             logits = logits_with_replay(model, chunk, ref.outputs[c], start)
             kl = token_kl(ref.logits(c), logits)
             mx.eval(kl)
             kls.append(np.array(kl).reshape(-1))
-    finally:
-        module.weight = original
     return np.concatenate(kls)
 
 
-def measurement_key(model_dir: Path, tokens: np.ndarray, candidates, dtype, cfg) -> str:
+def measurement_key(
+    model_dir: Path, tokens: np.ndarray, candidates, dtype, cfg, reference: str
+) -> str:
     """Hash of everything that determines the table: weights, tokens, candidates, settings."""
     h = hashlib.sha256()
     for f in sorted(model_dir.glob("*.safetensors")) + [model_dir / "config.json"]:
@@ -251,7 +248,7 @@ def measurement_key(model_dir: Path, tokens: np.ndarray, candidates, dtype, cfg)
         "candidates": [candidate_name(c) for c in candidates],
         "dtype": dtype,
         "method": cfg.method,
-        "reference": cfg.reference,
+        "reference": reference,
         "chunk_tokens": cfg.chunk_tokens,
         "version": mixq.__version__,
     }
@@ -285,6 +282,8 @@ def measure_exact(
     cfg: MeasureConfig,
     work_dir: Path,
     layers: list[Layer] | None = None,
+    floats: dict[str, nn.Module] | None = None,
+    weights: FloatWeights | None = None,
 ) -> dict[tuple[str, str], dict]:
     """KL summary per (layer path, candidate name), resuming from ``work_dir/rows.jsonl``.
 
@@ -306,7 +305,7 @@ def measure_exact(
         t0 = time.time()
         ref = build_reference(model, split_chunks(tokens, cfg.chunk_tokens), work_dir)
         for layer, c in tqdm(todo, desc="measure-kl", unit="row"):
-            kl = kl_summary(measure_layer_kl(model, layer, c, dtype, ref))
+            kl = kl_summary(measure_layer_kl(model, layer, c, dtype, ref, floats, weights))
             append_journal(journal, layer.path, candidate_name(c), kl)
             done[(layer.path, candidate_name(c))] = kl
         log.info("measured %d rows in %.1fs", len(todo), time.time() - t0)

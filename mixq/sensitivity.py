@@ -18,6 +18,7 @@ from mixq.fisher import measure_fisher
 from mixq.layers import quantizable_layers, unquantized_params
 from mixq.io import atomic_dir, read_json, write_json
 from mixq.measure import measure_exact, measurement_key
+from mixq.reference import REFERENCE_BITS, FloatWeights, choose_reference, quantize_reference
 
 log = logging.getLogger("mixq")
 
@@ -33,20 +34,24 @@ def measure_sensitivity(
     """The sensitivity table (see :func:`write_table`) for every quantizable layer."""
     if cfg.method not in ("exact", "fisher"):
         raise ValueError(f"measure.method must be 'exact' or 'fisher', not {cfg.method!r}")
-    if cfg.reference not in ("auto", "float"):
-        raise ValueError(
-            f"measure.reference={cfg.reference!r}: only 'auto' and 'float' are available"
-        )
-    model, _ = load_model(model_dir)
+    reference = choose_reference(cfg.reference, model_dir)
+    if reference != "float" and cfg.method == "fisher":
+        raise ValueError("measure.method=fisher needs the float model: set measure.reference=float")
+    model, _ = load_model(model_dir, lazy=reference != "float")
     tokens = load_file(str(calibration_dir / "calibration.safetensors"))["tokens"]
     layers = quantizable_layers(model)
+    other = unquantized_params(model, layers)
     if cfg.method == "exact":
-        key = measurement_key(model_dir, tokens, quant.candidates, quant.dtype, cfg)
+        floats = weights = None
+        if reference != "float":
+            floats = quantize_reference(model, layers, REFERENCE_BITS[reference])
+            weights = FloatWeights(model_dir)
+        key = measurement_key(model_dir, tokens, quant.candidates, quant.dtype, cfg, reference)
         work_dir = cache_root() / "measure" / key
-        rows = measure_exact(model, tokens, quant.candidates, quant.dtype, cfg, work_dir, layers)
+        rows = measure_exact(model, tokens, quant.candidates, quant.dtype, cfg, work_dir, layers,
+                             floats, weights)
     else:
         rows = measure_fisher(model, tokens, layers, quant.candidates, quant.dtype)
-    other = unquantized_params(model, layers)
     return {
         "candidates": [candidate_dict(c) for c in quant.candidates],
         "layers": [
@@ -68,7 +73,7 @@ def measure_sensitivity(
         "total_params": other + sum(layer.params for layer in layers),
         "tokens": int(tokens.size),
         "method": cfg.method,
-        "reference": "float",
+        "reference": reference,
         "dtype": quant.dtype,
     }
 

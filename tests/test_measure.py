@@ -20,7 +20,8 @@ from mixq.budget import candidate_name
 from mixq.config import Candidate, MeasureConfig
 from mixq.fisher import measure_fisher
 from mixq.layers import quantizable_layers
-from mixq.measure import get_module, measure_exact, reference_logits, token_kl
+from mixq.layers import get_module
+from mixq.measure import measure_exact, reference_logits, token_kl
 from mixq.quantize import fake_quantize
 from mixq.sensitivity import spearman
 
@@ -162,3 +163,32 @@ def test_fisher_ranks_layers_like_exact(smollm2, tmp_path):
                    np.array([fisher[k]["mean"] for k in keys]))
     assert rho > 0.8
     assert all(fisher[k]["p95"] is None for k in keys)
+
+
+def test_quantized_reference_measures_one_float_layer_at_a_time(tiny_llama_dir, tmp_path):
+    """measure.reference=q8: every other layer stays 8-bit while one is measured; equals a
+    naive model built that way, and the float weights are not kept in memory."""
+    import mlx.nn as nn
+    from mlx_lm.utils import load_model
+
+    from mixq.reference import FloatWeights, quantize_reference
+
+    model, _ = load_model(tiny_llama_dir, lazy=True)
+    layers = quantizable_layers(model)
+    floats = quantize_reference(model, layers, 8)
+    assert all(m.weight.size == 1 for m in floats.values())  # float copies dropped
+    tokens = sample_tokens(49152, 2, 32)
+    cands = [Candidate(4, 64)]
+    fast = measure_exact(model, tokens, cands, "bfloat16", MeasureConfig(chunk_tokens=64),
+                         tmp_path, layers, floats, FloatWeights(tiny_llama_dir))
+    reference, _ = load_model(tiny_llama_dir)
+    nn.quantize(reference, 64, 8)
+    ref_side = reference_logits(reference(mx.array(tokens)))
+    for layer in layers[:4]:
+        naive, _ = load_model(tiny_llama_dir)
+        module = get_module(naive, layer.path)
+        module.weight = fake_quantize(module.weight, cands[0], "bfloat16")
+        nn.quantize(naive, 64, 8, class_predicate=lambda p, m: p != layer.path
+                    and hasattr(m, "to_quantized"))
+        expected = float(np.array(token_kl(ref_side, naive(mx.array(tokens)))).mean())
+        assert fast[(layer.path, "affine-b4-g64")]["mean"] == pytest.approx(expected, rel=1e-4)
