@@ -3,8 +3,8 @@
 Each layer takes one candidate; stored bits (``mixq.budget``, incl. scales, biases and the
 unquantized tensors) must fit ``target_bpw * total_params``. The predicted KL of a plan is the
 sum of the measured per-layer KLs (layers measured one at a time are assumed to add). This is a
-multiple-choice knapsack: :func:`allocate_greedy` is the classic KL-per-bit greedy,
-:func:`allocate_optimal` solves it exactly.
+multiple-choice knapsack: ``greedy`` is the classic KL-per-bit greedy, ``optimal`` solves it
+exactly (:func:`allocate_with`).
 """
 
 from __future__ import annotations
@@ -180,34 +180,23 @@ def optimal_choice(p: Problem) -> List[int]:
     return choice
 
 
-def allocate_greedy(
-    table: Mapping[str, Any],
-    target_bpw: float,
-    protect: Sequence[Any] = (),
-    dtype_bits: int = 16,
-    metric: str = "mean",
-) -> Assignment:
-    """The greedy plan (:func:`greedy_choice`): fast, usually within a fraction of a percent."""
-    p = build_problem(table, target_bpw, protect, dtype_bits, metric)
-    return assignment(p, greedy_choice(p))
-
-
-def allocate_optimal(
-    table: Mapping[str, Any],
-    target_bpw: float,
-    protect: Sequence[Any] = (),
-    dtype_bits: int = 16,
-    metric: str = "mean",
-) -> Assignment:
-    """The minimum-KL plan within the budget (:func:`optimal_choice`), exact."""
-    p = build_problem(table, target_bpw, protect, dtype_bits, metric)
-    return assignment(p, optimal_choice(p))
-
-
-ALLOCATORS: Dict[str, Callable[..., Assignment]] = {
-    "greedy": allocate_greedy,
-    "optimal": allocate_optimal,
+CHOICES: Dict[str, Callable[[Problem], List[int]]] = {
+    "greedy": greedy_choice,  # fast, usually within a fraction of a percent
+    "optimal": optimal_choice,  # the minimum-KL plan within the budget, exact
 }
+
+
+def allocate_with(
+    allocator: str,
+    table: Mapping[str, Any],
+    target_bpw: float,
+    protect: Sequence[Any] = (),
+    dtype_bits: int = 16,
+    metric: str = "mean",
+) -> Assignment:
+    """The ``allocator``'s (``greedy`` or ``optimal``) choice of candidate per layer."""
+    p = build_problem(table, target_bpw, protect, dtype_bits, metric)
+    return assignment(p, CHOICES[allocator](p))
 
 
 def predicted_kl(chosen: Assignment, table: Mapping[str, Any], metric: str = "mean") -> float:
@@ -215,6 +204,20 @@ def predicted_kl(chosen: Assignment, table: Mapping[str, Any], metric: str = "me
     candidate adds nothing)."""
     kl = {layer["path"]: layer["kl"] for layer in table["layers"]}
     return sum(kl[path][c["name"]][metric] for path, c in chosen.items() if c["name"] in kl[path])
+
+
+def plan_entry(
+    layer: Mapping[str, Any], c: Mapping[str, Any], protected: bool, metric: str
+) -> Dict[str, Any]:
+    """One layer of a plan: the candidate's fields, whether it was pinned, its measured KL."""
+    return {
+        "bits": c["bits"],
+        "group_size": c["group_size"],
+        "mode": c["mode"],
+        "candidate": c["name"],
+        "protected": protected,
+        "kl": layer["kl"].get(c["name"], {}).get(metric),
+    }
 
 
 def allocate(
@@ -226,8 +229,8 @@ def allocate(
     ``{"layers": {path: {bits, group_size, mode, candidate, protected, kl}}, "summary": {...}}``;
     layers with no applicable candidate are left out (kept at the model dtype).
     """
-    if quant_cfg.allocator not in ALLOCATORS:
-        raise ValueError(f"quant.allocator={quant_cfg.allocator!r}: use one of {list(ALLOCATORS)}")
+    if quant_cfg.allocator not in CHOICES:
+        raise ValueError(f"quant.allocator={quant_cfg.allocator!r}: use one of {list(CHOICES)}")
     measured = {c["name"]: c for c in table["candidates"]}
     wanted = [candidate_dict(c)["name"] for c in quant_cfg.candidates]
     missing = [name for name in wanted if name not in measured]
@@ -236,20 +239,13 @@ def allocate(
     table = {**table, "candidates": [measured[name] for name in wanted]}
     protect, target = quant_cfg.protect, quant_cfg.target_bpw
     results = {
-        name: fn(table, target, protect, dtype_bits, metric) for name, fn in ALLOCATORS.items()
+        name: allocate_with(name, table, target, protect, dtype_bits, metric) for name in CHOICES
     }
     objectives = {name: predicted_kl(chosen, table, metric) for name, chosen in results.items()}
     chosen = results[quant_cfg.allocator]
     choices = layer_choices(table, protect)
     layers = {
-        layer["path"]: {
-            "bits": c["bits"],
-            "group_size": c["group_size"],
-            "mode": c["mode"],
-            "candidate": c["name"],
-            "protected": protected,
-            "kl": layer["kl"].get(c["name"], {}).get(metric),
-        }
+        layer["path"]: plan_entry(layer, c, protected, metric)
         for layer, _, protected in choices
         if (c := chosen.get(layer["path"])) is not None
     }
@@ -275,16 +271,8 @@ def uniform_plan(table: Mapping[str, Any], candidate: Any, dtype_bits: int = 16)
     """Every layer the candidate applies to at ``candidate`` (the uniform baselines); same
     format as :func:`allocate`'s plan."""
     c = candidate_dict(candidate)
-    kl = {layer["path"]: layer["kl"] for layer in table["layers"]}
     layers = {
-        layer["path"]: {
-            "bits": c["bits"],
-            "group_size": c["group_size"],
-            "mode": c["mode"],
-            "candidate": c["name"],
-            "protected": False,
-            "kl": kl[layer["path"]].get(c["name"], {}).get("mean"),
-        }
+        layer["path"]: plan_entry(layer, c, False, "mean")
         for layer in table["layers"]
         if is_applicable(layer["shape"], c)
     }

@@ -13,8 +13,7 @@ from test_budget import smollm2_table, synthetic_kl
 from mixq.allocate import (
     InfeasibleTargetError,
     allocate,
-    allocate_greedy,
-    allocate_optimal,
+    allocate_with,
     build_problem,
     predicted_kl,
 )
@@ -76,8 +75,8 @@ def test_optimal_equals_brute_force_and_beats_greedy():
         table = random_table(rng, int(rng.integers(3, 8)), cands)
         lo, hi = feasible_bpw_range(table)
         for target in rng.uniform(lo, hi, 3):
-            optimal = allocate_optimal(table, target)
-            greedy = allocate_greedy(table, target)
+            optimal = allocate_with("optimal", table, target)
+            greedy = allocate_with("greedy", table, target)
             assert predicted_kl(optimal, table) == pytest.approx(brute_force(table, target),
                                                                  rel=1e-12)
             assert predicted_kl(optimal, table) <= predicted_kl(greedy, table) * (1 + 1e-12)
@@ -99,7 +98,7 @@ def assert_maximal(chosen: dict, table: dict, target: float) -> None:
 def test_greedy_stops_only_when_no_upgrade_fits():
     table = smollm2_table(FOUR)
     for target in (4.3, 5.0, 6.5):
-        assert_maximal(allocate_greedy(table, target), table, target)
+        assert_maximal(allocate_with("greedy", table, target), table, target)
 
 
 def test_optimal_is_monotone_and_fills_the_budget():
@@ -107,7 +106,7 @@ def test_optimal_is_monotone_and_fills_the_budget():
     lo, hi = feasible_bpw_range(table)
     previous = math.inf
     for target in np.linspace(lo, hi, 12):
-        chosen = allocate_optimal(table, target)
+        chosen = allocate_with("optimal", table, target)
         kl = predicted_kl(chosen, table)
         assert kl <= previous
         previous = kl
@@ -120,16 +119,16 @@ def test_infeasible_targets_name_the_feasible_range():
     with pytest.raises(InfeasibleTargetError, match=r"4\.5031 to 8\.5019 bits per weight"):
         allocate(table, quant, 16)
     with pytest.raises(InfeasibleTargetError, match="feasible range"):
-        allocate_optimal(table, 8.6)
+        allocate_with("optimal", table, 8.6)
     message = ""
     try:
-        allocate_greedy(table, 3.0, [ProtectRule("*down_proj", 8, 64)])
+        allocate_with("greedy", table, 3.0, [ProtectRule("*down_proj", 8, 64)])
     except ValueError as err:
         message = str(err)
     lo, hi = map(float, re.search(r"(\d\.\d+) to (\d\.\d+)", message).groups())
     assert lo > 5.0  # the protected down_proj raise the floor
     for edge in (lo, hi):  # the printed bounds are themselves reachable
-        allocate_greedy(table, edge, [ProtectRule("*down_proj", 8, 64)])
+        allocate_with("greedy", table, edge, [ProtectRule("*down_proj", 8, 64)])
 
 
 def test_plan_honours_protection_and_reports_both_allocators():
@@ -181,9 +180,9 @@ def test_missing_or_nan_kl_is_an_error():
     table = smollm2_table()
     table["layers"][3]["kl"]["affine-b8-g64"]["mean"] = float("nan")
     with pytest.raises(ValueError, match="v_proj affine-b8-g64 mean=nan"):
-        allocate_optimal(table, 6.0)
+        allocate_with("optimal", table, 6.0)
     with pytest.raises(ValueError, match="embed_tokens affine-b4-g64 median=None"):
-        allocate_greedy(table, 6.0, metric="median")
+        allocate_with("greedy", table, 6.0, metric="median")
 
 
 def test_layers_without_candidates_stay_unquantized():
