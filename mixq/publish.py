@@ -1,0 +1,147 @@
+"""publish: the Hugging Face repo folder of the quant, and its upload.
+
+The folder is ``outputs/quant`` copied byte for byte (weights, config, tokenizer, ``mixq/``
+sidecar) plus, in the sidecar, what the card reports: the source record (with the base model
+and license), the calibration manifest, the eval metrics and the params; and the ``README.md``
+card rendered from those files (:mod:`mixq.card`). The upload is one ``upload_folder`` commit,
+made only after ``whoami`` has accepted the token, on the endpoint huggingface_hub is configured
+for (``HF_ENDPOINT``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Any, Mapping
+
+import mlx.core as mx
+
+import mixq
+from mixq.card import render_card
+from mixq.config import Config, as_dict
+from mixq.io import read_json, write_json
+from mixq.prepare import embedded_gguf, sha256_file
+
+log = logging.getLogger("mixq")
+
+# embedded model id -> the Hub repo its weights come from (the card's base_model)
+EMBEDDED_BASE_MODELS = {"smollm2-135m-instruct": "HuggingFaceTB/SmolLM2-135M-Instruct"}
+# the params that determine the quantized weights (hashed), and those the card shows
+HASHED_SECTIONS = ("model", "calibration", "quant", "measure")
+CARD_SECTIONS = (*HASHED_SECTIONS, "eval")
+
+
+class PublishError(RuntimeError):
+    """The upload cannot start or was refused (no token, Hub unreachable, token rejected)."""
+
+
+def params_hash(cfg: Config) -> str:
+    """12 hex digits of the sha256 of :data:`HASHED_SECTIONS` of ``cfg`` as canonical JSON."""
+    sections = {name: as_dict(getattr(cfg, name)) for name in HASHED_SECTIONS}
+    text = json.dumps(sections, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def commit_message(cfg: Config) -> str:
+    return f"Upload a mixq {mixq.__version__} quant (params hash {params_hash(cfg)})"
+
+
+def base_model(source: Mapping[str, Any]) -> str | None:
+    """The Hub repo the source weights come from; None for a local directory."""
+    if source["kind"] == "embedded":
+        return EMBEDDED_BASE_MODELS.get(source["id"])
+    return source["id"] if source["kind"] == "hub" else None
+
+
+def source_license(source: Mapping[str, Any]) -> str | None:
+    """The ``general.license`` of an embedded model's GGUF, if the installed file is still the
+    one prepare-model converted; None (unknown) otherwise."""
+    if source["kind"] != "embedded":
+        return None
+    gguf = embedded_gguf(source["id"])
+    if sha256_file(gguf) != source["sha256"]:
+        log.warning("%s is not the file prepare-model converted: license unknown", gguf)
+        return None
+    _, meta = mx.load(str(gguf), return_metadata=True)
+    return meta.get("general.license")
+
+
+def copy_files(src: Path, dst: Path) -> None:
+    """Copy every file under ``src`` into ``dst`` by content: no links into DVC's cache and no
+    read-only modes carried over."""
+    for f in sorted(src.rglob("*")):
+        if f.is_file():
+            target = dst / f.relative_to(src)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(f, target)
+
+
+def build_folder(
+    out_dir: Path, cfg: Config, quant_dir: Path, source_file: Path, manifest: Path, metrics: Path
+) -> None:
+    """Fill ``out_dir`` with the repo: ``quant_dir``'s files, the completed ``mixq/`` sidecar
+    and ``README.md``."""
+    copy_files(quant_dir, out_dir)
+    sidecar = out_dir / "mixq"
+    source = read_json(source_file)
+    write_json(
+        sidecar / "source.json",
+        {**source, "base_model": base_model(source), "license": source_license(source)},
+    )
+    shutil.copyfile(manifest, sidecar / "calibration.json")
+    shutil.copyfile(metrics, sidecar / "eval.json")
+    write_json(sidecar / "params.json", {
+        "mixq_version": mixq.__version__,
+        "repo_id": cfg.publish.repo_id,
+        "params_hash": params_hash(cfg),
+        "hashed_sections": list(HASHED_SECTIONS),
+        "params": {name: as_dict(getattr(cfg, name)) for name in CARD_SECTIONS},
+    })
+    (out_dir / "README.md").write_text(render_card(out_dir))
+
+
+def push_folder(
+    folder: Path, repo_id: str, private: bool, message: str, token: str | None
+) -> str:
+    """Upload ``folder`` to the model repo ``repo_id`` (created if missing) as one commit and
+    return the commit URL. Nothing is sent without ``token``, and nothing is created before
+    ``whoami`` has accepted it as a write token; a private=True upload never goes to an
+    existing public repo. Failures raise :class:`PublishError` (the token never in it)."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
+    if not token:
+        raise PublishError(
+            "publish.push is true but HF_TOKEN is not set: export a Hugging Face write token "
+            "as HF_TOKEN (nothing was uploaded)"
+        )
+    api = HfApi(token=token)
+    try:
+        who = api.whoami()
+    except HfHubHTTPError as err:
+        raise PublishError(
+            f"{api.endpoint} refused HF_TOKEN (HTTP {err.response.status_code}): check the "
+            "token (nothing was uploaded)"
+        ) from err
+    except Exception as err:  # refused, DNS, timeout, HF_HUB_OFFLINE: whoami is the probe
+        raise PublishError(
+            f"cannot reach the Hugging Face Hub at {api.endpoint} ({type(err).__name__}: "
+            f"{err}); nothing was uploaded"
+        ) from err
+    if who.get("auth", {}).get("accessToken", {}).get("role") == "read":
+        raise PublishError("HF_TOKEN is a read-only token: use a write token (nothing uploaded)")
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        if private and not api.model_info(repo_id).private:
+            raise PublishError(
+                f"{repo_id} exists and is public but publish.private is true: make it private "
+                "or set publish.private=false (nothing was uploaded)"
+            )
+        commit = api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=message)
+    except HfHubHTTPError as err:
+        raise PublishError(f"uploading to {repo_id} on {api.endpoint} failed: {err}") from err
+    log.info("uploaded %s to %s as %s (%s)", folder, repo_id, who.get("name"), commit.commit_url)
+    return commit.commit_url

@@ -1,0 +1,32 @@
+"""DVC stage publish: outputs/quant + card inputs -> outputs/publish/ (the Hub repo folder with
+its model card); uploads it when publish.push is true, with the token in HF_TOKEN."""
+
+import logging
+import os
+from pathlib import Path
+
+from mixq.cli import setup_logging
+from mixq.config import load_params
+from mixq.io import atomic_dir
+from mixq.publish import PublishError, build_folder, commit_message, push_folder
+
+setup_logging()
+log = logging.getLogger("mixq")
+cfg = load_params()
+out = Path("outputs/publish")
+with atomic_dir(out) as tmp:
+    build_folder(
+        tmp, cfg,
+        quant_dir=Path("outputs/quant"),
+        source_file=Path("outputs/model/mixq_source.json"),
+        manifest=Path("outputs/calibration/manifest.json"),
+        metrics=Path("outputs/eval/metrics.json"),
+    )
+if not cfg.publish.push:
+    log.info("built %s; publish.push is false, so nothing was uploaded", out)
+else:
+    try:
+        push_folder(out, cfg.publish.repo_id, cfg.publish.private, commit_message(cfg),
+                    os.environ.get("HF_TOKEN"))
+    except PublishError as err:
+        raise SystemExit(f"publish: {err}")
