@@ -10,6 +10,7 @@ exactly (:func:`allocate_with`).
 from __future__ import annotations
 
 import heapq
+import logging
 import math
 from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Sequence
 
@@ -29,6 +30,8 @@ from mixq.budget import (
 from mixq.config import QuantConfig
 
 Assignment = Dict[str, Dict[str, Any]]  # layer path -> candidate dict
+
+log = logging.getLogger("mixq")
 
 
 class InfeasibleTargetError(ValueError):
@@ -264,6 +267,12 @@ def allocate(
         "unquantized_layers": [layer["path"] for layer, cands, _ in choices if not cands],
     }
     plan["summary"] = {**summary, **model_bpw(plan, table, dtype_bits)}
+    log.info(
+        "%s plan: %.4f bpw (target %s), predicted KL %.5g (greedy gap %.3g), %s",
+        quant_cfg.allocator, plan["summary"]["bpw"], target, summary["predicted_kl"],
+        summary["greedy_gap"],
+        ", ".join(f"{n} x{v['layers']}" for n, v in plan["summary"]["candidates"].items()),
+    )
     return plan
 
 
