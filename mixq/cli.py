@@ -1,4 +1,4 @@
-"""The `mixq` command line: `mixq compose`, `mixq stage NAME`."""
+"""The `mixq` command line: `mixq compose`, `mixq generate`."""
 
 from __future__ import annotations
 
@@ -63,11 +63,33 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--conf", type=Path, default=Path("conf"))
     p.add_argument("--output", type=Path, default=Path("params.yaml"))
 
+    p = sub.add_parser("generate", help="generate with a mixq quant and its per-layer KV cache")
+    p.add_argument("model", type=Path, help="model directory (e.g. outputs/quant)")
+    p.add_argument("prompt", help="user message (the chat template is applied)")
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--temp", type=float, default=0.0, help="sampling temperature (0: greedy)")
+    p.add_argument("--kv-config", default=None,
+                   help="kv_config.json (default: beside the model, else outputs/kv/ if it was "
+                        "measured for this model); 'none' for an unquantized KV cache")
+
     args = parser.parse_args(argv)
     setup_logging(args.verbose)
     if args.command == "compose":
         compose_params(args.overrides, args.conf, args.output)
         log.info("wrote %s", args.output)
+    elif args.command == "generate":
+        run_generate(args)
+
+
+def run_generate(args: argparse.Namespace) -> None:
+    """`mixq generate`: load the model with its KV config, stream the completion to stdout."""
+    from mixq.runtime import generate, load
+
+    model, tokenizer, kv_config = load(args.model, args.kv_config)
+    text = generate(model, tokenizer, args.prompt, kv_config, args.max_tokens, args.temp,
+                    verbose=args.verbose)  # verbose: mlx-lm streams the text and its stats
+    if not args.verbose:
+        print(text)
 
 
 if __name__ == "__main__":

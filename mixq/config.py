@@ -90,22 +90,36 @@ class MeasureConfig:
 
 @dataclass
 class KVConfig:
+    """KV-cache precision per attention layer (see :mod:`mixq.kv`): ``candidates`` (affine:
+    what ``QuantizedKVCache`` stores) measured on ``samples`` sequences of ``seq_len`` tokens
+    run through the cache in prefill chunks of ``chunk_tokens``; ``target_bits``: stored bits
+    per cached element incl. scales and biases, averaged over the per-token KV caches."""
+
     candidates: List[Candidate] = field(
-        default_factory=lambda: [Candidate(2, 64), Candidate(4, 64), Candidate(8, 64)]
+        default_factory=lambda: [Candidate(3, 64), Candidate(4, 64), Candidate(6, 64)]
     )
     target_bits: float = 4.0
-    seq_len: int = 1024
-    samples: int = 2
+    allocator: str = "optimal"
+    seq_len: int = 512
+    samples: int = 1
+    chunk_tokens: int = 256
 
 
 @dataclass
 class EvalConfig:
+    """Probes (see :mod:`mixq.probes`): ``samples_per_task`` per task, greedy answers of at most
+    ``max_tokens`` tokens; hashhop contexts of about ``hashhop_tokens`` tokens with answers
+    ``hashhop_hops`` assignments away; code tests killed after ``code_timeout`` seconds."""
+
     seed: int = 0
     tasks: List[str] = field(
         default_factory=lambda: ["arithmetic", "format", "tool_call", "hashhop", "code"]
     )
-    samples_per_task: int = 8
-    max_tokens: int = 128
+    samples_per_task: int = 5
+    max_tokens: int = 96
+    hashhop_tokens: int = 512
+    hashhop_hops: int = 2
+    code_timeout: float = 2.0
 
 
 @dataclass

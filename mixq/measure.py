@@ -74,27 +74,32 @@ def first_block_affected(model: nn.Module, layer: Layer) -> int:
 
 
 def logits_with_replay(
-    model: nn.Module, tokens: mx.array, outputs: list[mx.array], start: int
+    model: nn.Module, tokens: mx.array, outputs: list[mx.array], start: int,
+    cache: list | None = None,
 ) -> mx.array:
-    """Logits [B, T, V] of ``model(tokens)`` with blocks < ``start`` replaying ``outputs``."""
+    """Logits [B, T, V] of ``model(tokens, cache=cache)`` with blocks < ``start`` replaying
+    ``outputs`` (a replayed block leaves its cache untouched)."""
     blocks = list(model.layers)
     try:
         for i in range(start):
             model.layers[i] = Replay(blocks[i], outputs[i])
-        return model(tokens)
+        return model(tokens, cache=cache)
     finally:
         for i in range(start):
             model.layers[i] = blocks[i]
 
 
-def record_block_outputs(model: nn.Module, tokens: mx.array) -> tuple[mx.array, list[mx.array]]:
-    """Reference logits [B, T, V] and every block's output [B, T, D] for ``tokens`` [B, T]."""
+def record_block_outputs(
+    model: nn.Module, tokens: mx.array, cache: list | None = None
+) -> tuple[mx.array, list[mx.array]]:
+    """Reference logits [B, T, V] and every block's output [B, T, D] for ``tokens`` [B, T]
+    (``cache``: the model's cache list, when ``tokens`` continue cached sequences)."""
     blocks = list(model.layers)
     recorders = [Record(b, mx.array(0)) for b in blocks]
     try:
         for i, r in enumerate(recorders):
             model.layers[i] = r
-        logits = model(tokens)
+        logits = model(tokens, cache=cache)
         outputs = [r.output for r in recorders]
     finally:
         for i, b in enumerate(blocks):
@@ -186,14 +191,18 @@ def split_chunks(tokens: np.ndarray, chunk_tokens: int) -> list[mx.array]:
     return [mx.array(tokens[i : i + per_chunk]) for i in range(0, len(tokens), per_chunk)]
 
 
-def build_reference(model: nn.Module, chunks: list[mx.array], work_dir: Path) -> Reference:
-    """One reference pass: block outputs in memory, p/z on disk under ``work_dir``."""
+def build_reference(
+    model: nn.Module, chunks: list[mx.array], work_dir: Path, cache: list | None = None
+) -> Reference:
+    """One reference pass: block outputs in memory, p/z on disk under ``work_dir``. With a
+    ``cache`` (the model's cache list) the chunks are consecutive pieces of the same sequences
+    and run through it in order, as in prefill."""
     n_tokens = sum(c.size for c in chunks)
     outputs, p_file, z_file = [], None, None
     lse, psum = np.empty(n_tokens), np.empty(n_tokens)
     row = 0
     for chunk in tqdm(chunks, desc="reference pass", unit="chunk"):
-        logits, block_out = record_block_outputs(model, chunk)
+        logits, block_out = record_block_outputs(model, chunk, cache)
         ref = reference_logits(logits)
         mx.eval(ref, *block_out)
         outputs.append(block_out)

@@ -155,3 +155,101 @@ def plot_sensitivity_heatmap(
         fontsize=11,
     )
     fig.savefig(path, dpi=130)
+
+
+def plot_per_layer(
+    series: Mapping[str, List[Optional[float]]], paths: List[str], ylabel: str, title: str,
+    path: str | Path, highlight: Optional[str] = None, log: bool = False,
+) -> None:
+    """PNG of one value per layer (``paths``, model order) for each named series: thin steps,
+    the ``highlight`` series as dots on top; x ticks at the first layer of every few transformer
+    blocks. None values are left out."""
+    fig = Figure(figsize=(11, 4.2), layout="constrained")
+    ax = fig.add_subplot()
+    x = np.arange(len(paths))
+    for name, values in series.items():
+        y = np.array([np.nan if v is None else v for v in values], dtype=float)
+        if name == highlight:
+            ax.plot(x, y, "o", markersize=3.5, label=name, zorder=3, color="black")
+        else:
+            ax.step(x, y, where="mid", label=name, linewidth=1.0, alpha=0.8)
+    firsts: Dict[int, int] = {}
+    for i, p in enumerate(paths):
+        block = grid_cell(p)[1]
+        if block is not None:
+            firsts.setdefault(block, i)
+    step = max(1, len(firsts) // 10)
+    ticks = [(i, str(b)) for b, i in sorted(firsts.items()) if b % step == 0]
+    ax.set_xticks([i for i, _ in ticks], [label for _, label in ticks], fontsize=8)
+    ax.set_xlabel("transformer block (layers in model order; outside blocks at the ends)")
+    ax.set_ylabel(ylabel)
+    if log:
+        ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    fig.legend(loc="outside right upper", fontsize=9, frameon=False)
+    ax.set_title(title, fontsize=11)
+    fig.savefig(path, dpi=130)
+
+
+def plot_kl_vs_size(rows: List[Mapping[str, Any]], path: str | Path) -> None:
+    """PNG of measured mean KL (filled) and the plan's predicted KL (hollow, joined by a dashed
+    line) against on-disk size, one colour per quant (``rows``: quant, size_bytes, kl_mean,
+    predicted_kl)."""
+    fig = Figure(figsize=(7.5, 5), layout="constrained")
+    ax = fig.add_subplot()
+    colours = colormaps["tab10"]
+    for i, row in enumerate(rows):
+        x, measured, predicted = row["size_bytes"] / 1e6, row["kl_mean"], row["predicted_kl"]
+        ax.scatter([x], [measured], color=colours(i), s=60, zorder=3, label=row["quant"])
+        if predicted:
+            ax.scatter([x], [predicted], facecolors="none", edgecolors=colours(i), s=60, zorder=3)
+            ax.plot([x, x], [predicted, measured], color=colours(i), linestyle="--", linewidth=1)
+        ax.annotate(f"{measured:.3g}", (x, measured), textcoords="offset points", xytext=(8, -3),
+                    fontsize=8)
+    ax.set_yscale("log")
+    ax.set_xlabel("on-disk size of the safetensors (MB)")
+    ax.set_ylabel("KL(reference || quant) per token")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=9, frameon=False, title="filled: measured (held-out)\nhollow: predicted",
+              title_fontsize=8)
+    ax.set_title("KL vs size of the evaluated quants", fontsize=11)
+    fig.savefig(path, dpi=130)
+
+
+def plot_kv_sensitivity(
+    table: Mapping[str, Any], config: Mapping[str, Any], path: str | Path
+) -> None:
+    """PNG of the KV-cache sensitivity: top, each KV layer's KL (mean per token, log) at every
+    candidate with the chosen one ringed; bottom, the chosen bits per cache. Caches without a
+    per-token KV cache (skipped) are shaded."""
+    fig = Figure(figsize=(max(8.0, 0.28 * table["caches"] + 3.0), 6.5), layout="constrained")
+    top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=[2, 1])
+    x = [layer["block"] for layer in table["layers"]]
+    colours = colormaps["viridis"](np.linspace(0.1, 0.85, len(table["candidates"])))
+    for c, colour in zip(table["candidates"], colours):
+        y = [layer["kl"][c["name"]]["mean"] if c["name"] in layer["kl"] else np.nan
+             for layer in table["layers"]]
+        top.plot(x, y, "o-", color=colour, markersize=3.5, linewidth=1.2, label=c["name"])
+    chosen = config["layers"]
+    top.scatter([int(p) for p in chosen], [e["kl"] for e in chosen.values()], s=80,
+                facecolors="none", edgecolors="crimson", linewidths=1.4, zorder=3, label="chosen")
+    top.set_yscale("log")
+    top.set_ylabel("KL per token (mean)")
+    top.grid(alpha=0.3, which="both")
+    top.legend(fontsize=8, frameon=False, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    bottom.bar([int(p) for p in chosen], [e["bits"] for e in chosen.values()], color="steelblue")
+    for ax in (top, bottom):
+        for index in config["skipped"]:
+            ax.axvspan(int(index) - 0.5, int(index) + 0.5, color=MISSING, zorder=0)
+    bottom.set_ylabel("KV bits")
+    bottom.set_xlabel("layer (cache index); grey: no per-token KV cache")
+    bottom.set_xlim(-0.5, table["caches"] - 0.5)
+    bottom.set_yticks(sorted({c["bits"] for c in table["candidates"]}))
+    s = config["summary"]
+    fig.suptitle(
+        f"KV-cache sensitivity ({table['tokens']} tokens): {s['bits']:.3f} bits per element "
+        f"(target {s['target_bits']}), {s['bytes_per_token']:.0f} B/token vs "
+        f"{s['unquantized_bytes_per_token']:.0f} unquantized, predicted KL {s['predicted_kl']:.3g}",
+        fontsize=10,
+    )
+    fig.savefig(path, dpi=130)

@@ -42,16 +42,17 @@ def tiny_llama(vocab_size: int = 49152, layers: int = 2, seed: int = 0):
     return model
 
 
-def tiny_qwen35_hybrid(seed: int = 0):
+def tiny_qwen35_hybrid(seed: int = 0, head_dim: int = 16):
     """A random-weight Qwen3.5-style hybrid: Gated DeltaNet (linear attention) layers with a
-    full-attention layer every 2nd block, from mlx-lm's qwen3_5 classes."""
+    full-attention layer every 2nd block, from mlx-lm's qwen3_5 classes (``head_dim``: of the
+    full-attention layers)."""
     import mlx.core as mx
     from mlx_lm.models import qwen3_5
 
     mx.random.seed(seed)
     text = dict(
         model_type="qwen3_5_text", hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=256,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=head_dim, vocab_size=256,
         linear_num_value_heads=4, linear_num_key_heads=2, linear_key_head_dim=16,
         linear_value_head_dim=16, full_attention_interval=2, tie_word_embeddings=False,
     )

@@ -1,0 +1,290 @@
+"""eval: quants against the unquantized reference, on held-out tokens and on task probes.
+
+Per model (the float reference, the mixed quant, the uniform baselines):
+
+* held-out split of calibrate (never the calibration tokens): per-token KL(reference || quant)
+  (mean, p95, max; :func:`mixq.measure.token_kl`), perplexity, top-1 agreement with the
+  reference;
+* the probes of :mod:`mixq.probes`, answered greedily through the chat template (continuous
+  batching, as ``mlx_lm.batch_generate``); the capability score is the mean of the task scores;
+* on-disk size (bytes of the safetensors files), honest bpw and the plan's predicted KL (the sum
+  of its per-layer KLs) from the checkpoint's ``mixq/plan.json``.
+
+Every model runs in float32 activations. On CPU a quant's layers are dequantized to float32
+(``mlx_lm.utils.dequantize_model``: same logits to float rounding, 10-20x faster than CPU
+quantized matmuls); on a GPU the real quantized kernels run.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Mapping, Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx_lm
+import numpy as np
+from mlx_lm.generate import BatchGenerator
+from mlx_lm.sample_utils import make_sampler
+from mlx_lm.utils import dequantize_model, load_tokenizer
+from tqdm import tqdm
+
+from mixq.budget import candidate_name
+from mixq.calibration import inline_tools, read_calibration, supports_tools
+from mixq.config import EvalConfig
+from mixq.io import read_json
+from mixq.measure import kl_summary, reference_logits, split_chunks, token_kl
+from mixq.probes import Probe, make_probes, score
+
+log = logging.getLogger("mixq")
+
+CHUNK_TOKENS = 1024  # held-out tokens per forward pass (memory only, not results)
+SAME_SIZE_TOLERANCE = 0.03  # a baseline within 3% of the mixed bpw counts as "same size"
+HELDOUT_KEYS = ("kl_mean", "kl_p95", "kl_max", "ppl", "top1")
+
+
+def load_for_eval(path: Path) -> tuple[nn.Module, Any, str]:
+    """``mlx_lm.load`` a checkpoint in float32; returns (model, tokenizer, kernels): on CPU its
+    quantized layers are dequantized ("dequantized-float32"), elsewhere kept ("quantized");
+    "float" for a model without quantized layers."""
+    model, tokenizer = mlx_lm.load(str(path))
+    quantized = any(isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding))
+                    for _, m in model.named_modules())
+    model.set_dtype(mx.float32)  # scales, biases, norms; packed weights stay uint32
+    if not quantized:
+        return model, tokenizer, "float"
+    if mx.default_device() == mx.cpu:
+        dequantize_model(model)  # in the float32 of the scales: exact q * scale + bias
+        return model, tokenizer, "dequantized-float32"
+    return model, tokenizer, "quantized"
+
+
+def checkpoint_bytes(path: Path) -> int:
+    """On-disk size of a checkpoint's weights: its safetensors files, headers included."""
+    return sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
+
+
+def forward_logits(model: nn.Module, chunks: list[mx.array]) -> Iterator[mx.array]:
+    """Float32 logits [B, T, V] of each chunk [B, T]."""
+    for chunk in chunks:
+        yield model(chunk).astype(mx.float32)
+
+
+def record_logits(logits: Iterable[mx.array], n_tokens: int, path: Path) -> np.memmap:
+    """The logits of every token, [n_tokens, V] float32, memory-mapped at ``path``."""
+    rows, row = None, 0
+    for z in logits:
+        z = np.array(z.reshape(-1, z.shape[-1]))
+        if rows is None:
+            rows = np.lib.format.open_memmap(path, "w+", np.float32, (n_tokens, z.shape[-1]))
+        rows[row : row + len(z)] = z
+        row += len(z)
+    rows.flush()
+    return rows
+
+
+def stored_logits(rows: np.ndarray, chunks: list[mx.array]) -> Iterator[mx.array]:
+    """``rows`` of :func:`record_logits` cut back into [B, T, V] chunks."""
+    start = 0
+    for chunk in chunks:
+        yield mx.array(rows[start : start + chunk.size]).reshape(*chunk.shape, -1)
+        start += chunk.size
+
+
+def heldout_metrics(
+    logits: Iterable[mx.array], chunks: list[mx.array], reference: np.ndarray
+) -> dict[str, float]:
+    """KL(reference || model) per token (mean, p95, max), perplexity of the next tokens and top-1
+    agreement with the reference, from the model's ``logits`` of ``chunks`` [B, T]."""
+    kls, nlls, agree = [], [], []
+    for chunk, z, z_ref in zip(chunks, logits, stored_logits(reference, chunks)):
+        kl = token_kl(reference_logits(z_ref), z)
+        logp = z[:, :-1] - mx.logsumexp(z[:, :-1], axis=-1, keepdims=True)
+        nll = -mx.take_along_axis(logp, chunk[:, 1:, None], axis=-1)
+        same = z.argmax(-1) == z_ref.argmax(-1)
+        mx.eval(kl, nll, same)
+        kls.append(np.array(kl).ravel())
+        nlls.append(np.array(nll).ravel())
+        agree.append(np.array(same).ravel())
+    kl = kl_summary(np.concatenate(kls))
+    return {
+        **{f"kl_{k}": v for k, v in kl.items()},
+        "ppl": math.exp(float(np.concatenate(nlls).mean())),
+        "top1": float(np.concatenate(agree).mean()),
+    }
+
+
+def prompt_tokens(tokenizer: Any, probe: Probe) -> list[int]:
+    """A probe's chat through the chat template, ready for the answer; tool schemas go in the
+    template if it renders tools, else in the system prompt (as in calibration)."""
+    messages, tools = probe.messages, probe.tools
+    if tools and not supports_tools(tokenizer):
+        messages, tools = inline_tools(messages, tools), None
+    text = tokenizer.apply_chat_template(
+        messages, tools=tools, add_generation_prompt=True, tokenize=False
+    )
+    return list(tokenizer.encode(text, add_special_tokens=False))
+
+
+def generate_answers(
+    model: nn.Module, tokenizer: Any, probes: list[Probe], prompts: list[list[int]],
+    max_tokens: int, progress: tqdm,
+) -> list[str]:
+    """Greedy answers to ``probes`` (token ``prompts``) of at most ``max_tokens`` tokens (or a
+    probe's own smaller cap), continuously batched by mlx-lm's ``BatchGenerator`` (the engine of
+    ``batch_generate``); ``progress`` advances as each answer ends."""
+    gen = BatchGenerator(model, stop_tokens=[[t] for t in tokenizer.eos_token_ids],
+                         sampler=make_sampler(temp=0.0))
+    limits = [min(max_tokens, p.max_tokens or max_tokens) for p in probes]
+    uids = gen.insert(prompts, limits)
+    tokens: dict[int, list[int]] = {uid: [] for uid in uids}
+    try:
+        while responses := gen.next_generated():
+            for r in responses:
+                if r.finish_reason != "stop":  # the EOS token is not part of the answer
+                    tokens[r.uid].append(r.token)
+                if r.finish_reason is not None:
+                    progress.update()
+    finally:
+        gen.close()
+    return [tokenizer.decode(tokens[uid]) for uid in uids]
+
+
+def task_scores(probes: list[Probe], scores: list[float]) -> dict[str, float]:
+    """Mean score per task, in the probes' task order, and ``capability``: their mean."""
+    tasks = list(dict.fromkeys(p.task for p in probes))
+    means = {t: float(np.mean([s for p, s in zip(probes, scores) if p.task == t])) for t in tasks}
+    return {**means, "capability": float(np.mean(list(means.values())))}
+
+
+def evaluate_model(
+    name: str, path: Path, chunks: list[mx.array], reference: Optional[np.ndarray],
+    probes: list[Probe], prompts: list[list[int]], cfg: EvalConfig, work_dir: Path,
+) -> dict[str, Any]:
+    """Held-out metrics, probe answers and scores (none without ``probes``) of checkpoint
+    ``name`` at ``path``. With ``reference`` None this is the reference: its logits are recorded
+    (``work_dir``) first. Returns {"metrics", "answers", "scores", "seconds" (per part),
+    "reference" (logits)}."""
+    seconds = {}
+    t = time.perf_counter()
+    model, tokenizer, kernels = load_for_eval(path)
+    seconds["load"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    n_tokens = sum(c.size for c in chunks)
+    logits = tqdm(forward_logits(model, chunks), total=len(chunks), desc=f"{name} held-out",
+                  unit="chunk")
+    if reference is None:
+        reference = record_logits(logits, n_tokens, work_dir / "reference_logits.npy")
+        logits = stored_logits(reference, chunks)
+    metrics = heldout_metrics(logits, chunks, reference)
+    seconds["heldout"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    answers: list[str] = []
+    if probes:
+        with tqdm(total=len(probes), desc=f"{name} probes", unit="probe") as progress:
+            answers = generate_answers(model, tokenizer, probes, prompts, cfg.max_tokens,
+                                       progress)
+    seconds["generate"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    scores = [score(p, a) for p, a in zip(probes, answers)]
+    seconds["score"] = time.perf_counter() - t
+    if probes:
+        metrics.update(task_scores(probes, scores))
+    metrics["size_bytes"] = checkpoint_bytes(path)
+    metrics["kernels"] = kernels
+    return {"metrics": metrics, "answers": answers, "scores": scores, "seconds": seconds,
+            "reference": reference}
+
+
+def uniform4_name(plan: Mapping[str, Any]) -> str:
+    """Name of the uniform affine 4-bit baseline at the plan's (smallest affine) group size."""
+    groups = [c["group_size"] for c in plan["layers"].values() if c["mode"] == "affine"]
+    four = {"mode": "affine", "bits": 4, "group_size": min(groups, default=64)}
+    return f"uniform-{candidate_name(four)}"
+
+
+def closest_in_size(bpw: Mapping[str, float], target: float) -> tuple[str, float]:
+    """The model of ``bpw`` (not empty) closest to ``target`` bpw and its relative difference."""
+    name = min(bpw, key=lambda n: abs(bpw[n] / target - 1))
+    return name, bpw[name] / target - 1
+
+
+def prediction_metrics(metrics: Mapping[str, Any], plan: Mapping[str, Any]) -> dict[str, float]:
+    """The plan's honest bpw and predicted KL (the sum of its per-layer KLs, when it has one)
+    next to the measured mean KL."""
+    summary = plan["summary"]
+    out = {"bpw": summary["bpw"]}
+    if summary.get("predicted_kl"):
+        out["predicted_kl"] = summary["predicted_kl"]
+        out["measured_over_predicted_kl"] = metrics["kl_mean"] / summary["predicted_kl"]
+    return out
+
+
+def deltas(model: Mapping[str, Any], base: Mapping[str, Any], keys: Iterable[str]) -> dict:
+    """``model - base`` for the ``keys`` both have."""
+    return {k: model[k] - base[k] for k in keys if k in model and k in base}
+
+
+def run_eval(
+    reference_dir: Path, quants: Mapping[str, Path], calibration_dir: Path, cfg: EvalConfig
+) -> dict[str, Any]:
+    """Evaluate the reference and ``quants`` (name -> checkpoint dir with a ``mixq/`` sidecar;
+    ``mixed`` is the plan's quant, the others uniform baselines) on the held-out tokens; the
+    reference, ``mixed``, uniform 4-bit and the uniform quant of the same size (if one is within
+    :data:`SAME_SIZE_TOLERANCE`) on the probes too. Returns {"metrics" (for metrics.json),
+    "models" (name -> :func:`evaluate_model` result without logits), "probes", "prompt_tokens",
+    "plans" (name -> plan), "table" (the sensitivity table)}."""
+    if "mixed" not in quants:
+        raise ValueError("eval needs the mixed quant under the name 'mixed'")
+    plans = {name: read_json(Path(path) / "mixq" / "plan.json") for name, path in quants.items()}
+    uniform4 = uniform4_name(plans["mixed"])
+    if uniform4 not in quants:
+        raise ValueError(f"eval: no {uniform4} baseline among {sorted(quants)}; run baselines")
+    same, gap = closest_in_size({n: p["summary"]["bpw"] for n, p in plans.items() if n != "mixed"},
+                                plans["mixed"]["summary"]["bpw"])
+    same_size = same if abs(gap) <= SAME_SIZE_TOLERANCE else None
+    probed = {"reference", "mixed", uniform4, same_size} - {None}
+    heldout = read_calibration(calibration_dir).heldout_tokens
+    chunks = split_chunks(heldout, CHUNK_TOKENS)
+    tokenizer = load_tokenizer(reference_dir)
+    probes = make_probes(cfg, lambda text: len(tokenizer.encode(text, add_special_tokens=False)))
+    prompts = [prompt_tokens(tokenizer, p) for p in probes]
+    models: dict[str, dict] = {}
+    reference = None
+    with tempfile.TemporaryDirectory(prefix="mixq-eval-") as tmp:
+        for name, path in {"reference": reference_dir, **quants}.items():
+            asked = probes if name in probed else []
+            result = evaluate_model(name, Path(path), chunks, reference, asked, prompts, cfg,
+                                    Path(tmp))
+            reference = result.pop("reference")
+            if name in plans:
+                result["metrics"].update(prediction_metrics(result["metrics"], plans[name]))
+            models[name] = result
+            log.info("%s: %s", name, {k: v for k, v in result["metrics"].items()
+                                       if k in HELDOUT_KEYS + ("capability",)})
+        del reference  # the memory map, before its file goes
+    metrics: dict[str, Any] = {name: m["metrics"] for name, m in models.items()}
+    compared = [*HELDOUT_KEYS, *cfg.tasks, "capability", "size_bytes", "bpw"]
+    metrics["delta_vs_uniform4"] = deltas(metrics["mixed"], metrics[uniform4], compared)
+    if same_size:
+        metrics["delta_vs_same_size"] = deltas(metrics["mixed"], metrics[same_size], compared)
+    metrics.update({
+        "uniform4": uniform4,
+        "same_size": same_size or "none",
+        "closest_size": same,
+        "closest_size_bpw_gap": gap,
+        "heldout_tokens": int(heldout.size),
+        "samples_per_task": cfg.samples_per_task,
+        "seconds": sum(sum(m["seconds"].values()) for m in models.values()),
+    })
+    table = read_json(Path(quants["mixed"]) / "mixq" / "sensitivity.json")
+    return {"metrics": metrics, "models": models, "probes": probes, "plans": plans,
+            "table": table, "prompt_tokens": [len(p) for p in prompts]}
+

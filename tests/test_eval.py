@@ -1,0 +1,220 @@
+"""eval: held-out metrics of real quants are sane, dequantized float32 equals the quantized
+kernels, batched greedy answers equal mlx_lm.generate, and a whole run writes the expected files."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import mixq  # noqa: F401
+import mlx.core as mx
+import mlx.nn as nn
+import mlx_lm
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+from mlx_lm.sample_utils import make_sampler
+from mlx_lm.utils import dequantize_model, load_tokenizer
+from test_convert import table_for
+from tqdm import tqdm
+
+from mixq.allocate import uniform_plan
+from mixq.budget import candidate_dict, model_bpw
+from mixq.calibration import build_calibration, write_calibration
+from mixq.config import CalibrationConfig, EvalConfig
+from mixq.convert import write_checkpoint
+from mixq.eval_report import write_outputs
+from mixq.evaluate import (
+    closest_in_size,
+    forward_logits,
+    generate_answers,
+    heldout_metrics,
+    load_for_eval,
+    prompt_tokens,
+    record_logits,
+    run_eval,
+    stored_logits,
+    uniform4_name,
+)
+from mixq.measure import split_chunks
+from mixq.probes import make_probes
+
+FOUR, EIGHT = (candidate_dict({"bits": b, "group_size": 64, "mode": "affine"}) for b in (4, 8))
+
+
+def uniform_quants(source: Path, out: Path) -> dict[str, Path]:
+    """Uniform 4- and 8-bit g64 checkpoints of ``source``, as the baselines stage writes them."""
+    model, _ = mlx_lm.utils.load_model(source)
+    table = {**table_for(model), "dtype": "bfloat16"}
+    quants = {}
+    for c in (FOUR, EIGHT):
+        quants[f"uniform-{c['name']}"] = out / f"uniform-{c['name']}"
+        write_checkpoint(source, out / f"uniform-{c['name']}", uniform_plan(table, c), table,
+                         "bfloat16")
+    return quants
+
+
+@pytest.fixture(scope="module")
+def smollm2_quants(smollm2_dir, tmp_path_factory) -> dict[str, Path]:
+    return uniform_quants(smollm2_dir, tmp_path_factory.mktemp("smollm2-quants"))
+
+
+@pytest.fixture(scope="module")
+def heldout(smollm2) -> list[mx.array]:
+    """Two 96-token windows of real chat text (a worked word problem and a tool call)."""
+    _, tokenizer = smollm2
+    probes = make_probes(EvalConfig(tasks=["arithmetic", "tool_call"], samples_per_task=1),
+                         lambda text: 0)
+    rows = [prompt_tokens(tokenizer, p) + tokenizer.encode(p.reference) for p in probes]
+    return split_chunks(np.array([r[:96] for r in rows], dtype=np.int32), 1024)
+
+
+def test_heldout_metrics_of_quants_are_sane(smollm2_dir, smollm2_quants, heldout, tmp_path):
+    reference_model, _, kernels = load_for_eval(smollm2_dir)
+    assert kernels == "float"
+    n_tokens = sum(c.size for c in heldout)
+    reference = record_logits(forward_logits(reference_model, heldout), n_tokens,
+                              tmp_path / "ref.npy")
+    itself = heldout_metrics(stored_logits(reference, heldout), heldout, reference)
+    assert itself["kl_mean"] == itself["kl_max"] == 0.0 and itself["top1"] == 1.0
+    assert 1.0 < itself["ppl"] < 50.0
+    rerun = heldout_metrics(forward_logits(reference_model, heldout), heldout, reference)
+    assert rerun["kl_max"] < 1e-6 and rerun["top1"] == 1.0
+    four, eight = (
+        heldout_metrics(forward_logits(load_for_eval(smollm2_quants[f"uniform-{c['name']}"])[0],
+                                       heldout), heldout, reference)
+        for c in (FOUR, EIGHT)
+    )
+    assert 0.0 < eight["kl_mean"] < four["kl_mean"] / 20 and four["kl_mean"] < 2.0
+    assert eight["kl_p95"] < four["kl_p95"] and eight["top1"] > four["top1"] > 0.5
+    assert abs(eight["ppl"] / itself["ppl"] - 1) < 0.02 < four["ppl"] / itself["ppl"] - 1
+
+
+def test_dequantized_float32_equals_the_quantized_kernels(smollm2_quants, heldout):
+    path = smollm2_quants[f"uniform-{FOUR['name']}"]
+    tokens = heldout[0][:1, :12]
+    quantized, _ = mlx_lm.load(str(path))
+    quantized.set_dtype(mx.float32)
+    assert isinstance(quantized.model.layers[0].mlp.down_proj, nn.QuantizedLinear)
+    dequantized, _, kernels = load_for_eval(path)
+    assert kernels == ("dequantized-float32" if mx.default_device() == mx.cpu else "quantized")
+    if kernels == "dequantized-float32":
+        assert not any(isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding))
+                       for _, m in dequantized.named_modules())
+        assert {v.dtype for _, v in tree_flatten(dequantized.parameters())} == {mx.float32}
+    want, got = quantized(tokens), dequantized(tokens)
+    tolerance = 2e-5 * mx.abs(want).max().item()  # measured: 3.4e-6
+    assert mx.abs(got - want).max().item() < tolerance
+    # dequantizing before the cast rounds every weight to bfloat16: far off the kernels
+    rounded, _ = mlx_lm.load(str(path))
+    dequantize_model(rounded)
+    rounded.set_dtype(mx.float32)
+    assert mx.abs(rounded(tokens) - want).max().item() > 100 * tolerance
+
+
+def test_batched_greedy_answers_equal_mlx_lm_generate(smollm2):
+    model, tokenizer = smollm2
+    probes = make_probes(EvalConfig(tasks=["format", "code"], samples_per_task=1), len)
+    prompts = [prompt_tokens(tokenizer, p) for p in probes]
+    with tqdm(total=len(probes)) as progress:
+        answers = generate_answers(model, tokenizer, probes, prompts, 12, progress)
+    assert progress.n == len(probes)
+    for prompt, answer in zip(prompts, answers):
+        single = mlx_lm.generate(model, tokenizer, prompt, max_tokens=12,
+                                 sampler=make_sampler(temp=0.0))
+        assert answer == single and answer
+
+
+def test_same_size_baseline_is_the_closest_within_tolerance():
+    assert closest_in_size({"a": 4.5, "b": 8.5}, 5.0) == ("a", pytest.approx(-0.1))
+    assert closest_in_size({"a": 4.9, "b": 5.2}, 5.0) == ("a", pytest.approx(-0.02))
+    plan = {"layers": {"x": {"mode": "affine", "group_size": 32}, "y": {"mode": "mxfp4",
+                                                                     "group_size": 16}}}
+    assert uniform4_name(plan) == "uniform-affine-b4-g32"
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_llama_dir, tmp_path_factory):
+    """A whole eval of a 2-block random Llama (SmolLM2's tokenizer): uniform 4/8-bit and a
+    mixed quant (8-bit attention, predicted KL set by hand), one probe per task."""
+    root = tmp_path_factory.mktemp("tiny-eval")
+    quants = uniform_quants(tiny_llama_dir, root)
+    model, _ = mlx_lm.utils.load_model(tiny_llama_dir)
+    table = {**table_for(model), "dtype": "bfloat16"}
+    plan = uniform_plan(table, FOUR)
+    for path, entry in plan["layers"].items():
+        if "self_attn" in path:
+            entry.update(bits=8, candidate=EIGHT["name"], kl=1e-4)
+    plan["summary"] = {**model_bpw(plan, table, 16), "predicted_kl": 0.01}
+    write_checkpoint(tiny_llama_dir, root / "mixed", plan, table, "bfloat16")
+    cal_cfg = CalibrationConfig(domains=["reasoning", "tool_call"], samples_per_domain=1,
+                                heldout_per_domain=2, seq_len=48)
+    tokenizer = load_tokenizer(tiny_llama_dir)
+    write_calibration(build_calibration(tokenizer, cal_cfg, 2048), root / "calibration",
+                      "smollm2", cal_cfg)
+    cfg = EvalConfig(samples_per_task=1, max_tokens=6, hashhop_tokens=64)
+    paths = {"mixed": root / "mixed", **quants}
+    result = run_eval(tiny_llama_dir, paths, root / "calibration", cfg)
+    write_outputs(result, cfg, root / "eval")
+    return result, root / "eval", cfg, {"reference": tiny_llama_dir, **paths}
+
+
+def test_eval_writes_flat_metrics_with_deltas_and_predictions(tiny_run):
+    result, out, cfg, paths = tiny_run
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics == json.loads(json.dumps(result["metrics"]))
+    u4, u8 = (f"uniform-{c['name']}" for c in (FOUR, EIGHT))
+    assert [k for k, v in metrics.items() if isinstance(v, dict)] == [
+        "reference", "mixed", u4, u8, "delta_vs_uniform4", "delta_vs_same_size"]
+    heldout = {"kl_mean", "kl_p95", "kl_max", "ppl", "top1", "size_bytes", "kernels"}
+    for name in ("reference", "mixed", u4, u8):
+        m = metrics[name]
+        assert heldout <= set(m), name
+        assert m["size_bytes"] == sum(f.stat().st_size for f in paths[name].glob("*.safetensors"))
+        if name == u8:  # neither uniform 4-bit nor the same size: held-out metrics only
+            assert not set(m) & {*cfg.tasks, "capability"}
+            continue
+        assert m["capability"] == pytest.approx(np.mean([m[t] for t in cfg.tasks]))
+        assert all(0.0 <= m[t] <= 1.0 for t in cfg.tasks)
+    assert metrics["reference"]["kl_mean"] == 0.0 and metrics["reference"]["top1"] == 1.0
+    assert metrics["reference"]["kernels"] == "float" and "bpw" not in metrics["reference"]
+    assert 0.0 < metrics[u8]["kl_mean"] < metrics["mixed"]["kl_mean"] < metrics[u4]["kl_mean"]
+    assert metrics[u4]["bpw"] < metrics["mixed"]["bpw"] < metrics[u8]["bpw"]
+    assert metrics["mixed"]["predicted_kl"] == 0.01
+    assert metrics["mixed"]["measured_over_predicted_kl"] == pytest.approx(
+        metrics["mixed"]["kl_mean"] / 0.01)
+    assert "predicted_kl" not in metrics[u4]  # a table without KLs predicts nothing
+    delta = metrics["delta_vs_uniform4"]
+    for key in ("kl_mean", "ppl", "top1", "capability", "size_bytes", "bpw", *cfg.tasks):
+        assert delta[key] == pytest.approx(metrics["mixed"][key] - metrics[u4][key])
+    # 8-bit attention only: uniform 4-bit is 0.7% smaller, within the 3% of "same size"
+    assert metrics["uniform4"] == metrics["same_size"] == metrics["closest_size"] == u4
+    assert metrics["delta_vs_same_size"] == delta and -0.03 < metrics["closest_size_bpw_gap"] < 0
+    assert metrics["heldout_tokens"] == 4 * 48
+    assert metrics["seconds"] > 0
+
+
+def test_eval_writes_samples_summary_and_plots(tiny_run):
+    result, out, cfg, _ = tiny_run
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert [s["task"] for s in samples] == list(cfg.tasks)
+    for s in samples:
+        assert set(s["answers"]) == set(s["scores"]) == {"reference", "mixed",
+                                                         "uniform-affine-b4-g64"}
+    summary = (out / "summary.md").read_text()
+    for name in result["models"]:
+        assert f"| {name} |" in summary
+    assert "Δ vs `uniform-affine-b4-g64`" in summary and "## Timings" in summary
+    with open(out / "kl_per_layer.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert list(rows[0]) == ["layer_index", "layer", "mixed", "uniform-affine-b4-g64",
+                             "uniform-affine-b8-g64"]
+    assert len(rows) == len(result["table"]["layers"])
+    with open(out / "bits_per_layer.csv") as fh:
+        bits = {float(r["uniform-affine-b4-g64"]) for r in csv.DictReader(fh)}
+    assert bits == {4.5}
+    with open(out / "kl_vs_size.csv") as fh:
+        assert [r["quant"] for r in csv.DictReader(fh)] == list(result["plans"])
+    for png in ("kl_per_layer.png", "bits_per_layer.png", "kl_vs_size.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
