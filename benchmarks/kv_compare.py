@@ -26,7 +26,7 @@ import mixq  # noqa: F401  (OpenBLAS before mlx)
 import mlx.core as mx
 import mlx_lm
 import numpy as np
-from mlx_lm.models.cache import make_prompt_cache
+from mlx_lm.models.cache import make_prompt_cache, trim_prompt_cache
 from tqdm import tqdm
 
 from mixq.allocate import uniform_plan
@@ -73,18 +73,26 @@ def heldout_kl(model, sequence: np.ndarray, configs: dict, work: Path) -> dict[s
     return out
 
 
-def answer_logprob(model, config: dict, prompt: list[int], answer: list[int]) -> float:
-    """log p(answer | prompt) [nats] with the config's caches, prompt prefilled in chunks."""
+def answer_then_generate(model, tokenizer, config: dict, prompt: list[int], answer: list[int],
+                         max_tokens: int) -> tuple[float, str]:
+    """One prefill of ``prompt`` through the config's caches, then (a) log p(answer | prompt)
+    [nats], teacher-forced, and (b) the greedy response from stock ``mlx_lm.generate`` on the
+    same caches once the answer is trimmed off them."""
     cache = cache_for(model, config)
     for s in range(0, len(prompt) - 1, CHUNK):
         model(mx.array([prompt[s : min(s + CHUNK, len(prompt) - 1)]]), cache=cache)
     logits = model(mx.array([prompt[-1:] + answer[:-1]]), cache=cache)[0].astype(mx.float32)
     logp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-    return float(logp[mx.arange(len(answer)), mx.array(answer)].sum())
+    logprob = float(logp[mx.arange(len(answer)), mx.array(answer)].sum())
+    trim_prompt_cache(cache, len(answer))  # back to prompt[:-1]
+    text = mlx_lm.generate(model, tokenizer, prompt[-1:], max_tokens=max_tokens,
+                           prompt_cache=cache)
+    return logprob, text
 
 
 def hashhop(model, tokenizer, configs: dict, n: int, tokens: int, hops: int) -> dict[str, dict]:
-    """Per config: HashHop accuracy (greedy) and mean log-probability of the right answer."""
+    """Per config: HashHop accuracy (greedy, mixq.probes' scorer) and the mean log-probability
+    of the right answer."""
     rng = random.Random("hashhop:0")
     count = lambda text: len(tokenizer.encode(text, add_special_tokens=False))  # noqa: E731
     probes = [hashhop_probe(rng, tokens, hops, count) for _ in range(n)]
@@ -93,11 +101,11 @@ def hashhop(model, tokenizer, configs: dict, n: int, tokens: int, hops: int) -> 
     for name, config in tqdm(configs.items(), desc="hashhop", unit="config"):
         right, logps = [], []
         for probe, prompt in zip(probes, prompts):
-            text = mlx_lm.generate(model, tokenizer, prompt, max_tokens=probe.max_tokens,
-                                   prompt_cache=cache_for(model, config))
-            right.append(score_hashhop(probe, text))
             answer = tokenizer.encode(probe.target, add_special_tokens=False)
-            logps.append(answer_logprob(model, config, prompt, answer))
+            logp, text = answer_then_generate(model, tokenizer, config, prompt, answer,
+                                              probe.max_tokens)
+            right.append(score_hashhop(probe, text))
+            logps.append(logp)
         out[name] = {"accuracy": float(np.mean(right)), "answer_logprob": float(np.mean(logps)),
                      "prompt_tokens": float(np.mean([len(p) for p in prompts]))}
     return out

@@ -128,7 +128,7 @@ def smoke_generate(ckpt_dir: Path, prompt: str = "What is the capital of France?
     model, tokenizer = mlx_lm.load(str(ckpt_dir))
     chat = [{"role": "user", "content": prompt}]
     text = tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
-    return mlx_lm.generate(model, tokenizer, text, max_tokens=16)
+    return mlx_lm.generate(model, tokenizer, text, max_tokens=8)
 
 
 def baseline_candidates(quant: QuantConfig) -> list[dict]:

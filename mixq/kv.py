@@ -12,7 +12,9 @@ prefill chunks as generation does, so later chunks attend the quantized keys and
 earlier ones. KL(unquantized-KV model || quantized-KV model) per token is
 :func:`mixq.measure.token_kl` against one recorded reference pass; blocks before the layer are
 replayed from it (their input does not change). Rows are journaled under
-``cache_root()/kv/<key>`` so a killed run resumes.
+``cache_root()/kv/<key>`` so a killed run resumes. The model computes in float32 (on CPU with
+its weights dequantized, :func:`mixq.runtime.for_this_device`); the KV caches are real
+``QuantizedKVCache`` objects.
 
 Bits are counted as ``QuantizedKVCache`` stores them: per token and layer, keys and values of
 ``heads x head_dim`` elements each at ``bits``, plus one scale and one bias per group in the
@@ -229,7 +231,15 @@ def kv_plan(table: Mapping[str, Any], kv: KVConfig) -> dict:
 
 def kv_config(table: Mapping[str, Any], plan: Mapping[str, Any], model_dir: Path) -> dict:
     """The ``kv_config.json`` of ``plan`` (:func:`kv_plan`'s, or a uniform plan of
-    :func:`mixq.allocate.uniform_plan`); see :func:`mixq.runtime.make_kv_cache`."""
+    :func:`mixq.allocate.uniform_plan`), read by :func:`mixq.runtime.make_kv_cache`:
+
+    ``model`` (the directory measured), ``caches`` (length of the model's cache list),
+    ``dtype`` (of the KV cache, for the bit accounting), ``layers`` {cache index: {bits,
+    group_size, mode, candidate, kl}}, ``skipped`` {cache index: {cache, reason}} (no per-token
+    KV cache), ``unquantized`` (KV layers no candidate fits, kept as plain caches) and
+    ``summary``: bits per element and bytes per token (mixed, unquantized, each uniform
+    candidate), predicted KL (sum of the chosen layers' KLs), allocator objectives.
+    """
     dtype_bits = DTYPE_BITS[table["dtype"]]
     s = plan["summary"]
     elements = s["total_params"]  # KV elements per token
