@@ -42,9 +42,9 @@ def for_this_device(model: nn.Module) -> nn.Module:
     """On CPU: dequantize ``model`` (mlx-lm's ``dequantize_model``) and compute in float32;
     elsewhere unchanged."""
     if mx.default_device() == mx.cpu:
+        model.set_dtype(mx.float32)  # scales and biases first: dequantizing in bf16 rounds
         if is_quantized(model):
             dequantize_model(model)
-        model.set_dtype(mx.float32)
     return model
 
 
