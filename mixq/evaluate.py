@@ -30,7 +30,7 @@ import mlx_lm
 import numpy as np
 from mlx_lm.generate import BatchGenerator
 from mlx_lm.sample_utils import make_sampler
-from mlx_lm.utils import dequantize_model, load_tokenizer
+from mlx_lm.utils import load_tokenizer
 from tqdm import tqdm
 
 from mixq.budget import candidate_name
@@ -39,6 +39,7 @@ from mixq.config import EvalConfig
 from mixq.io import read_json
 from mixq.measure import kl_summary, reference_logits, split_chunks, token_kl
 from mixq.probes import Probe, make_probes, score
+from mixq.runtime import for_this_device
 
 log = logging.getLogger("mixq")
 
@@ -48,19 +49,11 @@ HELDOUT_KEYS = ("kl_mean", "kl_p95", "kl_max", "ppl", "top1")
 
 
 def load_for_eval(path: Path) -> tuple[nn.Module, Any, str]:
-    """``mlx_lm.load`` a checkpoint in float32; returns (model, tokenizer, kernels): on CPU its
-    quantized layers are dequantized ("dequantized-float32"), elsewhere kept ("quantized");
-    "float" for a model without quantized layers."""
+    """``mlx_lm.load`` a checkpoint in float32; returns (model, tokenizer, kernels), kernels as
+    :func:`mixq.runtime.for_this_device` reports them."""
     model, tokenizer = mlx_lm.load(str(path))
-    quantized = any(isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding))
-                    for _, m in model.named_modules())
     model.set_dtype(mx.float32)  # scales, biases, norms; packed weights stay uint32
-    if not quantized:
-        return model, tokenizer, "float"
-    if mx.default_device() == mx.cpu:
-        dequantize_model(model)  # in the float32 of the scales: exact q * scale + bias
-        return model, tokenizer, "dequantized-float32"
-    return model, tokenizer, "quantized"
+    return model, tokenizer, for_this_device(model)
 
 
 def checkpoint_bytes(path: Path) -> int:

@@ -279,8 +279,8 @@ def kv_sensitivity(model_dir: Path, calibration_dir: Path, kv: KVConfig) -> tupl
     model, _ = load_model(Path(model_dir))
     layers, skipped, dtype = kv_layers(model)
     log.info("%d per-token KV caches (%s), %d skipped", len(layers), dtype, len(skipped))
-    model = for_this_device(model)
     model.set_dtype(mx.float32)  # float32 activations (elsewhere than CPU too), as measure-kl
+    for_this_device(model)
     tokens = kv_sequences(read_calibration(calibration_dir).tokens, kv.seq_len, kv.samples)
     settings = MeasureConfig(method="kv-cache", chunk_tokens=kv.chunk_tokens)
     # rows are per (layer, candidate): no candidates in the key, so adding one measures only it

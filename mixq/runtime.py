@@ -38,14 +38,17 @@ def is_quantized(model: nn.Module) -> bool:
                for _, m in model.named_modules())
 
 
-def for_this_device(model: nn.Module) -> nn.Module:
-    """On CPU: dequantize ``model`` (mlx-lm's ``dequantize_model``) and compute in float32;
-    elsewhere unchanged."""
-    if mx.default_device() == mx.cpu:
-        model.set_dtype(mx.float32)  # scales and biases first: dequantizing in bf16 rounds
-        if is_quantized(model):
-            dequantize_model(model)
-    return model
+def for_this_device(model: nn.Module) -> str:
+    """Make ``model`` run well here, in place; returns which kernels it runs: "float" (nothing
+    quantized), "quantized" (off CPU: the checkpoint's own kernels) or "dequantized-float32"
+    (CPU: float32, quantized layers dequantized with mlx-lm's ``dequantize_model``)."""
+    if not is_quantized(model):
+        return "float"
+    if mx.default_device() != mx.cpu:
+        return "quantized"
+    model.set_dtype(mx.float32)  # scales and biases first: dequantizing in bf16 rounds
+    dequantize_model(model)  # exact q * scale + bias in float32
+    return "dequantized-float32"
 
 
 def find_kv_config(model_path: Path) -> Optional[Path]:
@@ -105,7 +108,8 @@ def load(
     else:
         cache_for(model, config)  # fails now, not mid-generation, if it does not fit
         log.info("KV cache: %s (%.2f bits per element)", kv_config, config["summary"]["bits"])
-    return for_this_device(model), tokenizer, config
+    for_this_device(model)
+    return model, tokenizer, config
 
 
 def chat_prompt(tokenizer: Any, prompt: str) -> str:
