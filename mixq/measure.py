@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import shutil
 import time
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -293,31 +294,35 @@ def measure_exact(
     layers: list[Layer] | None = None,
     floats: dict[str, nn.Module] | None = None,
     weights: FloatWeights | None = None,
+    name: str = "rows",
 ) -> dict[tuple[str, str], dict]:
-    """KL summary per (layer path, candidate name), resuming from ``work_dir/rows.jsonl``.
+    """KL summary per (layer path, candidate name) of ``layers``, resuming from the journals
+    in ``work_dir``: this run appends to ``<name>.jsonl`` (and keeps its reference pass in
+    ``<name>/``) and reuses rows from every ``*.jsonl`` there, so shards of one measurement
+    (each its own ``name``) may run at once and share rows without writing the same file.
 
     ``tokens`` [N, T] int32. Returns {(path, candidate): {"mean", "p95", "max"}}.
     """
     work_dir.mkdir(parents=True, exist_ok=True)
-    journal = work_dir / "rows.jsonl"
-    done = read_journal(journal)
+    journal = work_dir / f"{name}.jsonl"
     layers = quantizable_layers(model) if layers is None else layers
-    todo = [
-        (layer, c)
-        for layer in layers
-        for c in applicable_candidates(layer, candidates)
-        if (layer.path, candidate_name(c)) not in done
-    ]
+    wanted = [(layer, c) for layer in layers for c in applicable_candidates(layer, candidates)]
+    keys = {(layer.path, candidate_name(c)) for layer, c in wanted}
+    done = {}
+    for path in sorted(work_dir.glob("*.jsonl")):
+        done.update({k: v for k, v in read_journal(path).items() if k in keys})
+    todo = [(layer, c) for layer, c in wanted if (layer.path, candidate_name(c)) not in done]
     if done:
-        log.info("resuming: %d rows in journal %s, %d to go", len(done), journal, len(todo))
+        log.info("resuming: %d rows in journals in %s, %d to go", len(done), work_dir, len(todo))
     if todo:
         t0 = time.time()
-        ref = build_reference(model, split_chunks(tokens, cfg.chunk_tokens), work_dir)
+        scratch = work_dir / name
+        scratch.mkdir(exist_ok=True)
+        ref = build_reference(model, split_chunks(tokens, cfg.chunk_tokens), scratch)
         for layer, c in tqdm(todo, desc="measure-kl", unit="row"):
             kl = kl_summary(measure_layer_kl(model, layer, c, dtype, ref, floats, weights))
             append_journal(journal, layer.path, candidate_name(c), kl)
             done[(layer.path, candidate_name(c))] = kl
         log.info("measured %d rows in %.1fs", len(todo), time.time() - t0)
-        for name in ("ref_p.npy", "ref_z.npy"):
-            (work_dir / name).unlink(missing_ok=True)
+        shutil.rmtree(scratch)
     return done

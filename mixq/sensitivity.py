@@ -9,7 +9,6 @@ import os
 from pathlib import Path
 
 import numpy as np
-from mlx_lm.utils import load_model
 from safetensors.numpy import load_file
 
 from mixq.budget import candidate_dict, candidate_name
@@ -17,8 +16,9 @@ from mixq.config import MeasureConfig, QuantConfig
 from mixq.fisher import measure_fisher
 from mixq.layers import quantizable_layers, unquantized_params
 from mixq.io import atomic_dir, read_json, write_json
-from mixq.measure import measure_exact, measurement_key
+from mixq.measure import first_block_affected, measure_exact, measurement_key
 from mixq.reference import REFERENCE_BITS, FloatWeights, choose_reference, quantize_reference
+from mixq.shard import layer_costs, shard_layers
 
 log = logging.getLogger("mixq")
 
@@ -29,9 +29,13 @@ def cache_root() -> Path:
 
 
 def measure_sensitivity(
-    model_dir: Path, calibration_dir: Path, quant: QuantConfig, cfg: MeasureConfig
+    model_dir: Path, calibration_dir: Path, quant: QuantConfig, cfg: MeasureConfig,
+    shard: int | None = None,
 ) -> dict:
-    """The sensitivity table (see :func:`write_table`) for every quantizable layer."""
+    """The sensitivity table (see :func:`write_table`) for every quantizable layer, or with
+    ``shard`` the shard table (see :mod:`mixq.shard`) of shard ``shard`` of ``cfg.shards``."""
+    from mlx_lm.utils import load_model  # here: the merge stage reads tables without mlx-lm
+
     if cfg.method not in ("exact", "fisher"):
         raise ValueError(f"measure.method must be 'exact' or 'fisher', not {cfg.method!r}")
     reference = choose_reference(cfg.reference, model_dir)
@@ -41,18 +45,25 @@ def measure_sensitivity(
     tokens = load_file(str(calibration_dir / "calibration.safetensors"))["tokens"]
     layers = quantizable_layers(model)
     other = unquantized_params(model, layers)
+    measured = layers
+    if shard is not None:
+        starts = [first_block_affected(model, layer) for layer in layers]
+        costs = layer_costs(layers, starts, quant.candidates, cfg.method)
+        measured = shard_layers(layers, costs, shard, cfg.shards)
+        log.info("shard %d of %d: %d of %d layers", shard, cfg.shards, len(measured), len(layers))
+    key = measurement_key(model_dir, tokens, quant.candidates, quant.dtype, cfg, reference)
     if cfg.method == "exact":
         floats = weights = None
         if reference != "float":
             floats = quantize_reference(model, layers, REFERENCE_BITS[reference])
             weights = FloatWeights(model_dir)
-        key = measurement_key(model_dir, tokens, quant.candidates, quant.dtype, cfg, reference)
         work_dir = cache_root() / "measure" / key
-        rows = measure_exact(model, tokens, quant.candidates, quant.dtype, cfg, work_dir, layers,
-                             floats, weights)
+        name = "rows" if shard is None else f"rows-{shard}of{cfg.shards}"
+        rows = measure_exact(model, tokens, quant.candidates, quant.dtype, cfg, work_dir, measured,
+                             floats, weights, name)
     else:
-        rows = measure_fisher(model, tokens, layers, quant.candidates, quant.dtype)
-    return {
+        rows = measure_fisher(model, tokens, measured, quant.candidates, quant.dtype)
+    table = {
         "candidates": [candidate_dict(c) for c in quant.candidates],
         "layers": [
             {
@@ -67,7 +78,7 @@ def measure_sensitivity(
                     if (layer.path, candidate_name(c)) in rows
                 },
             }
-            for layer in layers
+            for layer in measured
         ],
         "unquantized_params": other,
         "total_params": other + sum(layer.params for layer in layers),
@@ -76,6 +87,10 @@ def measure_sensitivity(
         "reference": reference,
         "dtype": quant.dtype,
     }
+    if shard is not None:
+        table.update(shard={"index": shard, "count": cfg.shards}, key=key,
+                     all_layers=[layer.path for layer in layers])
+    return table
 
 
 def write_table(table: dict, out_dir: Path) -> None:
