@@ -1,5 +1,5 @@
 """eval outputs: metrics.json, summary.md, samples.jsonl, plot data (CSV) and PNGs, from the
-result of :func:`mixq.evaluate.run_eval`."""
+result of :func:`mixq.eval_runs.run_eval`."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import numpy as np
 
 from mixq.budget import dtype_bits, layer_bits
 from mixq.config import EvalConfig
-from mixq.evaluate import SAME_SIZE_TOLERANCE, deltas
+from mixq.eval_runs import SAME_SIZE_TOLERANCE, deltas
 from mixq.io import write_json
 from mixq.plots import plot_kl_vs_size, plot_per_layer
 from mixq.sandbox import network_isolation
@@ -61,7 +61,8 @@ def fmt(value: Any, spec: str = ".4g", sign: bool = False) -> str:
 
 
 def summary_markdown(result: Mapping[str, Any], cfg: EvalConfig) -> str:
-    """``summary.md``: the metrics table, Δ vs uniform 4-bit, predicted vs measured KL, timings."""
+    """``summary.md``: the metrics table, Δ vs uniform 4-bit, predicted vs measured KL, timings
+    (the baselines' from eval-baselines, plus eval's second pass of the reference)."""
     metrics, models, tasks = result["metrics"], result["models"], list(cfg.tasks)
     columns = [("size MB", "size_bytes", 1e-6, ".1f"), ("bpw", "bpw", 1, ".3f"),
                ("KL mean", "kl_mean", 1, ".4f"), ("KL p95", "kl_p95", 1, ".4f"),
@@ -80,6 +81,8 @@ def summary_markdown(result: Mapping[str, Any], cfg: EvalConfig) -> str:
     lengths = ", ".join(f"{t} {np.mean(n):.0f}" for t, n in tokens.items())
     kernels = {m["metrics"]["kernels"] for n, m in models.items() if n != "reference"}
     probed = ", ".join(f"`{n}`" for n, m in models.items() if m["answers"])
+    timings = {**{n: m["seconds"] for n, m in models.items()},
+               "reference (again, for mixed)": result["reference_rerun"]}
     gap = metrics["closest_size_bpw_gap"]
     same = (f"`{metrics['same_size']}`" if metrics["same_size"] != "none" else
             f"none within ±{SAME_SIZE_TOLERANCE:.0%} of the mixed bpw (closest: "
@@ -108,8 +111,8 @@ def summary_markdown(result: Mapping[str, Any], cfg: EvalConfig) -> str:
             for n, m in metrics.items() if n in result["plans"]]), "",
         "## Timings (seconds)", "",
         markdown_table(["model", "load", "held-out", "generate", "score", "total"], [
-            [n, *(fmt(v, ".1f") for v in m["seconds"].values()),
-             fmt(sum(m["seconds"].values()), ".1f")] for n, m in models.items()]),
+            [n, *(fmt(v, ".1f") for v in seconds.values()), fmt(sum(seconds.values()), ".1f")]
+            for n, seconds in timings.items()]),
     ]
     return "\n".join(lines) + "\n"
 

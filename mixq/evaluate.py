@@ -1,4 +1,5 @@
-"""eval: quants against the unquantized reference, on held-out tokens and on task probes.
+"""One checkpoint against the unquantized reference, on held-out tokens and on task probes
+(the two eval stages, which compare them, are :mod:`mixq.eval_runs`).
 
 Per model (the float reference, the mixed quant, the uniform baselines):
 
@@ -7,8 +8,7 @@ Per model (the float reference, the mixed quant, the uniform baselines):
   reference;
 * the probes of :mod:`mixq.probes`, answered greedily through the chat template (continuous
   batching, as ``mlx_lm.batch_generate``); the capability score is the mean of the task scores;
-* on-disk size (bytes of the safetensors files), honest bpw and the plan's predicted KL (the sum
-  of its per-layer KLs) from the checkpoint's ``mixq/plan.json``.
+* on-disk size (bytes of the safetensors files).
 
 Every model runs in float32 activations. On CPU a quant's layers are dequantized to float32
 (``mlx_lm.utils.dequantize_model``: same logits to float rounding, 10-20x faster than CPU
@@ -22,7 +22,7 @@ import math
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping, Optional
+from typing import Any, Collection, Iterable, Iterator, Mapping, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -33,10 +33,8 @@ from mlx_lm.sample_utils import make_sampler
 from mlx_lm.utils import load_tokenizer
 from tqdm import tqdm
 
-from mixq.budget import candidate_name
 from mixq.calibration import inline_tools, read_calibration, supports_tools
 from mixq.config import EvalConfig
-from mixq.io import read_json
 from mixq.measure import kl_summary, reference_logits, split_chunks, token_kl
 from mixq.probes import Probe, make_probes, score
 from mixq.runtime import for_this_device
@@ -44,7 +42,6 @@ from mixq.runtime import for_this_device
 log = logging.getLogger("mixq")
 
 CHUNK_TOKENS = 1024  # held-out tokens per forward pass (memory only, not results)
-SAME_SIZE_TOLERANCE = 0.03  # a baseline within 3% of the mixed bpw counts as "same size"
 HELDOUT_KEYS = ("kl_mean", "kl_p95", "kl_max", "ppl", "top1")
 
 
@@ -196,88 +193,36 @@ def evaluate_model(
             "reference": reference}
 
 
-def uniform4_name(plan: Mapping[str, Any]) -> str:
-    """Name of the uniform affine 4-bit baseline at the plan's (smallest affine) group size."""
-    groups = [c["group_size"] for c in plan["layers"].values() if c["mode"] == "affine"]
-    four = {"mode": "affine", "bits": 4, "group_size": min(groups, default=64)}
-    return f"uniform-{candidate_name(four)}"
-
-
-def closest_in_size(bpw: Mapping[str, float], target: float) -> tuple[str, float]:
-    """The model of ``bpw`` (not empty) closest to ``target`` bpw and its relative difference."""
-    name = min(bpw, key=lambda n: abs(bpw[n] / target - 1))
-    return name, bpw[name] / target - 1
-
-
-def prediction_metrics(metrics: Mapping[str, Any], plan: Mapping[str, Any]) -> dict[str, float]:
-    """The plan's honest bpw and predicted KL (the sum of its per-layer KLs, when it has one)
-    next to the measured mean KL."""
-    summary = plan["summary"]
-    out = {"bpw": summary["bpw"]}
-    if summary.get("predicted_kl"):
-        out["predicted_kl"] = summary["predicted_kl"]
-        out["measured_over_predicted_kl"] = metrics["kl_mean"] / summary["predicted_kl"]
-    return out
-
-
-def deltas(model: Mapping[str, Any], base: Mapping[str, Any], keys: Iterable[str]) -> dict:
-    """``model - base`` for the ``keys`` both have."""
-    return {k: model[k] - base[k] for k in keys if k in model and k in base}
-
-
-def run_eval(
-    reference_dir: Path, quants: Mapping[str, Path], calibration_dir: Path, cfg: EvalConfig
-) -> dict[str, Any]:
-    """Evaluate the reference and ``quants`` (name -> checkpoint dir with a ``mixq/`` sidecar;
-    ``mixed`` is the plan's quant, the others uniform baselines) on the held-out tokens; the
-    reference, ``mixed``, uniform 4-bit and the uniform quant of the same size (if one is within
-    :data:`SAME_SIZE_TOLERANCE`) on the probes too. Returns {"metrics" (for metrics.json),
-    "models" (name -> :func:`evaluate_model` result without logits), "probes", "prompt_tokens",
-    "plans" (name -> plan), "table" (the sensitivity table)}."""
-    if "mixed" not in quants:
-        raise ValueError("eval needs the mixed quant under the name 'mixed'")
-    plans = {name: read_json(Path(path) / "mixq" / "plan.json") for name, path in quants.items()}
-    uniform4 = uniform4_name(plans["mixed"])
-    if uniform4 not in quants:
-        raise ValueError(f"eval: no {uniform4} baseline among {sorted(quants)}; run baselines")
-    same, gap = closest_in_size({n: p["summary"]["bpw"] for n, p in plans.items() if n != "mixed"},
-                                plans["mixed"]["summary"]["bpw"])
-    same_size = same if abs(gap) <= SAME_SIZE_TOLERANCE else None
-    probed = {"reference", "mixed", uniform4, same_size} - {None}
+def eval_inputs(
+    reference_dir: Path, calibration_dir: Path, cfg: EvalConfig
+) -> tuple[list[mx.array], list[Probe], list[list[int]]]:
+    """What every model is evaluated on: the held-out split of calibrate in chunks [B, T] of
+    about :data:`CHUNK_TOKENS` tokens, the probes of ``cfg`` and their prompt tokens (the
+    reference's tokenizer and chat template)."""
     heldout = read_calibration(calibration_dir).heldout_tokens
-    chunks = split_chunks(heldout, CHUNK_TOKENS)
     tokenizer = load_tokenizer(reference_dir)
     probes = make_probes(cfg, lambda text: len(tokenizer.encode(text, add_special_tokens=False)))
     prompts = [prompt_tokens(tokenizer, p) for p in probes]
+    return split_chunks(heldout, CHUNK_TOKENS), probes, prompts
+
+
+def evaluate_checkpoints(
+    checkpoints: Mapping[str, Path], chunks: list[mx.array], probes: list[Probe],
+    prompts: list[list[int]], probed: Collection[str], cfg: EvalConfig,
+) -> dict[str, dict[str, Any]]:
+    """:func:`evaluate_model` of every checkpoint (name -> dir) in order, the first being the
+    reference whose logits the others are compared with; only the ``probed`` ones answer the
+    probes. Returns name -> result without logits."""
     models: dict[str, dict] = {}
     reference = None
     with tempfile.TemporaryDirectory(prefix="mixq-eval-") as tmp:
-        for name, path in {"reference": reference_dir, **quants}.items():
+        for name, path in checkpoints.items():
             asked = probes if name in probed else []
             result = evaluate_model(name, Path(path), chunks, reference, asked, prompts, cfg,
                                     Path(tmp))
             reference = result.pop("reference")
-            if name in plans:
-                result["metrics"].update(prediction_metrics(result["metrics"], plans[name]))
             models[name] = result
             log.info("%s: %s", name, {k: v for k, v in result["metrics"].items()
                                        if k in HELDOUT_KEYS + ("capability",)})
         del reference  # the memory map, before its file goes
-    metrics: dict[str, Any] = {name: m["metrics"] for name, m in models.items()}
-    compared = [*HELDOUT_KEYS, *cfg.tasks, "capability", "size_bytes", "bpw"]
-    metrics["delta_vs_uniform4"] = deltas(metrics["mixed"], metrics[uniform4], compared)
-    if same_size:
-        metrics["delta_vs_same_size"] = deltas(metrics["mixed"], metrics[same_size], compared)
-    metrics.update({
-        "uniform4": uniform4,
-        "same_size": same_size or "none",
-        "closest_size": same,
-        "closest_size_bpw_gap": gap,
-        "heldout_tokens": int(heldout.size),
-        "samples_per_task": cfg.samples_per_task,
-        "seconds": sum(sum(m["seconds"].values()) for m in models.values()),
-    })
-    table = read_json(Path(quants["mixed"]) / "mixq" / "sensitivity.json")
-    return {"metrics": metrics, "models": models, "probes": probes, "plans": plans,
-            "table": table, "prompt_tokens": [len(p) for p in prompts]}
-
+    return models

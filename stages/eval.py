@@ -1,6 +1,7 @@
-"""DVC stage eval: outputs/model (reference), outputs/quant (mixed), outputs/baselines/* and the
-held-out split of outputs/calibration -> outputs/eval/ (metrics.json, summary.md, samples.jsonl,
-plot data and PNGs)."""
+"""DVC stage eval: outputs/quant (mixed) against outputs/model (reference) on the held-out split
+of outputs/calibration and the probes, merged with the baseline results of
+outputs/eval-baselines -> outputs/eval/ (metrics.json, summary.md, samples.jsonl, plot data and
+PNGs)."""
 
 import logging
 from pathlib import Path
@@ -8,13 +9,16 @@ from pathlib import Path
 from mixq.cli import setup_logging
 from mixq.config import load_params
 from mixq.eval_report import summary_markdown, write_outputs
-from mixq.evaluate import run_eval
+from mixq.eval_runs import BASELINE_RESULTS, baseline_dirs, run_eval
+from mixq.io import read_json
 
 setup_logging()
 cfg = load_params().eval
-baselines = sorted(d for d in Path("outputs/baselines").iterdir() if d.is_dir())
-quants = {"mixed": Path("outputs/quant"), **{d.name: d for d in baselines}}
-result = run_eval(Path("outputs/model"), quants, Path("outputs/calibration"), cfg)
+result = run_eval(Path("outputs/model"), Path("outputs/quant"),
+                  baseline_dirs(Path("outputs/baselines")),
+                  read_json(Path("outputs/eval-baselines") / BASELINE_RESULTS),
+                  Path("outputs/calibration"), cfg)
 write_outputs(result, cfg, Path("outputs/eval"))
-logging.getLogger("mixq").info("wrote outputs/eval in %.0f s", result["metrics"]["seconds"])
+seconds = sum([*result["models"]["mixed"]["seconds"].values(), *result["reference_rerun"].values()])
+logging.getLogger("mixq").info("wrote outputs/eval in %.0f s", seconds)
 print(summary_markdown(result, cfg))

@@ -1,5 +1,7 @@
 """eval: held-out metrics of real quants are sane, dequantized float32 equals the quantized
-kernels, batched greedy answers equal mlx_lm.generate, and a whole run writes the expected files."""
+kernels, batched greedy answers equal mlx_lm.generate, eval-baselines + eval give the numbers of
+one pass over every model, a whole run writes the expected files, and in dvc a budget change
+re-runs eval but not eval-baselines."""
 
 from __future__ import annotations
 
@@ -13,9 +15,11 @@ import mlx.nn as nn
 import mlx_lm
 import numpy as np
 import pytest
+import yaml
 from mlx.utils import tree_flatten
 from mlx_lm.sample_utils import make_sampler
 from mlx_lm.utils import dequantize_model, load_tokenizer
+from conftest import compose, copy_project, executed, run
 from test_convert import table_for
 from tqdm import tqdm
 
@@ -25,18 +29,25 @@ from mixq.calibration import build_calibration, write_calibration
 from mixq.config import CalibrationConfig, EvalConfig
 from mixq.convert import write_checkpoint
 from mixq.eval_report import write_outputs
-from mixq.evaluate import (
+from mixq.eval_runs import (
+    BASELINE_RESULTS,
     closest_in_size,
+    run_eval,
+    run_eval_baselines,
+    uniform4_name,
+)
+from mixq.evaluate import (
+    eval_inputs,
+    evaluate_checkpoints,
     forward_logits,
     generate_answers,
     heldout_metrics,
     load_for_eval,
     prompt_tokens,
     record_logits,
-    run_eval,
     stored_logits,
-    uniform4_name,
 )
+from mixq.io import read_json, write_json
 from mixq.measure import split_chunks
 from mixq.probes import make_probes
 
@@ -134,35 +145,90 @@ def test_same_size_baseline_is_the_closest_within_tolerance():
     assert uniform4_name(plan) == "uniform-affine-b4-g32"
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tiny_llama_dir, tmp_path_factory):
-    """A whole eval of a 2-block random Llama (SmolLM2's tokenizer): uniform 4/8-bit and a
-    mixed quant (8-bit attention, predicted KL set by hand), one probe per task."""
-    root = tmp_path_factory.mktemp("tiny-eval")
-    quants = uniform_quants(tiny_llama_dir, root)
-    model, _ = mlx_lm.utils.load_model(tiny_llama_dir)
+def mixed_quant(source: Path, out: Path) -> Path:
+    """A mixed checkpoint of ``source`` at ``out``: 8-bit attention, 4-bit g64 elsewhere, with a
+    predicted KL set by hand (0.01)."""
+    model, _ = mlx_lm.utils.load_model(source)
     table = {**table_for(model), "dtype": "bfloat16"}
     plan = uniform_plan(table, FOUR)
     for path, entry in plan["layers"].items():
         if "self_attn" in path:
             entry.update(bits=8, candidate=EIGHT["name"], kl=1e-4)
     plan["summary"] = {**model_bpw(plan, table, 16), "predicted_kl": 0.01}
-    write_checkpoint(tiny_llama_dir, root / "mixed", plan, table, "bfloat16")
+    write_checkpoint(source, out, plan, table, "bfloat16")
+    return out
+
+
+def small_calibration(source: Path, out: Path) -> Path:
+    """calibrate's output at ``out`` for ``source``'s tokenizer: 4 held-out windows of 48
+    tokens (reasoning and tool-call chats)."""
     cal_cfg = CalibrationConfig(domains=["reasoning", "tool_call"], samples_per_domain=1,
                                 heldout_per_domain=2, seq_len=48)
-    tokenizer = load_tokenizer(tiny_llama_dir)
-    write_calibration(build_calibration(tokenizer, cal_cfg, 2048), root / "calibration",
-                      "smollm2", cal_cfg)
+    write_calibration(build_calibration(load_tokenizer(source), cal_cfg, 2048), out, "smollm2",
+                      cal_cfg)
+    return out
+
+
+def run_both_stages(reference: Path, mixed: Path, baselines: dict[str, Path], calibration: Path,
+                    cfg: EvalConfig, out: Path) -> dict:
+    """eval-baselines, its results through their JSON file in ``out``, then eval: the result of
+    :func:`run_eval`."""
+    write_json(out / BASELINE_RESULTS, run_eval_baselines(reference, baselines, calibration, cfg))
+    return run_eval(reference, mixed, baselines, read_json(out / BASELINE_RESULTS), calibration,
+                    cfg)
+
+
+def test_split_stages_give_the_numbers_of_one_pass(smollm2_dir, smollm2_quants, tmp_path):
+    mixed = mixed_quant(smollm2_dir, tmp_path / "mixed")
+    calibration = small_calibration(smollm2_dir, tmp_path / "calibration")
+    cfg = EvalConfig(tasks=["arithmetic"], samples_per_task=2, max_tokens=6)
+    four = f"uniform-{FOUR['name']}"
+    baselines = {four: smollm2_quants[four]}  # eval needs no more (and 135M loads take seconds)
+    split = run_both_stages(smollm2_dir, mixed, baselines, calibration, cfg, tmp_path)
+
+    chunks, probes, prompts = eval_inputs(smollm2_dir, calibration, cfg)
+    everything = {"reference": smollm2_dir, "mixed": mixed, **baselines}
+    one_pass = evaluate_checkpoints(everything, chunks, probes, prompts, everything, cfg)
+    assert list(split["models"]) == list(one_pass)
+    for name, want in one_pass.items():
+        got = split["models"][name]
+        assert {k: got["metrics"][k] for k in want["metrics"]} == want["metrics"], name
+        assert (got["answers"], got["scores"]) == (want["answers"], want["scores"]), name
+        assert len(got["answers"]) == len(probes) and all(got["answers"])
+    assert split["metrics"]["mixed"]["kl_mean"] > 0.0 and split["metrics"]["heldout_tokens"] == 192
+    assert split["reference_rerun"]["heldout"] > 0
+
+
+def test_eval_refuses_stale_baseline_results(tiny_run):
+    result, root, cfg, paths = tiny_run
+    stored = read_json(root / BASELINE_RESULTS)
+    baselines = {n: p for n, p in paths.items() if n.startswith("uniform-")}
+    other_probes = EvalConfig(samples_per_task=1, max_tokens=6, hashhop_tokens=64, seed=1)
+    with pytest.raises(ValueError, match="stale .*other probes.*re-run eval-baselines"):
+        run_eval(paths["reference"], paths["mixed"], baselines, stored, root / "calibration",
+                 other_probes)
+    del stored["models"]["uniform-affine-b8-g64"]
+    with pytest.raises(ValueError, match="no results for uniform-affine-b8-g64"):
+        run_eval(paths["reference"], paths["mixed"], baselines, stored, root / "calibration", cfg)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_llama_dir, tmp_path_factory):
+    """A whole eval (both stages) of a 2-block random Llama (SmolLM2's tokenizer): uniform
+    4/8-bit and a mixed quant (8-bit attention, predicted KL set by hand), one probe per task."""
+    root = tmp_path_factory.mktemp("tiny-eval")
+    quants = uniform_quants(tiny_llama_dir, root)
+    mixed = mixed_quant(tiny_llama_dir, root / "mixed")
     cfg = EvalConfig(samples_per_task=1, max_tokens=6, hashhop_tokens=64)
-    paths = {"mixed": root / "mixed", **quants}
-    result = run_eval(tiny_llama_dir, paths, root / "calibration", cfg)
+    result = run_both_stages(tiny_llama_dir, mixed, quants,
+                             small_calibration(tiny_llama_dir, root / "calibration"), cfg, root)
     write_outputs(result, cfg, root / "eval")
-    return result, root / "eval", cfg, {"reference": tiny_llama_dir, **paths}
+    return result, root, cfg, {"reference": tiny_llama_dir, "mixed": mixed, **quants}
 
 
 def test_eval_writes_flat_metrics_with_deltas_and_predictions(tiny_run):
-    result, out, cfg, paths = tiny_run
-    metrics = json.loads((out / "metrics.json").read_text())
+    result, root, cfg, paths = tiny_run
+    metrics = json.loads((root / "eval" / "metrics.json").read_text())
     assert metrics == json.loads(json.dumps(result["metrics"]))
     u4, u8 = (f"uniform-{c['name']}" for c in (FOUR, EIGHT))
     assert [k for k, v in metrics.items() if isinstance(v, dict)] == [
@@ -172,9 +238,6 @@ def test_eval_writes_flat_metrics_with_deltas_and_predictions(tiny_run):
         m = metrics[name]
         assert heldout <= set(m), name
         assert m["size_bytes"] == sum(f.stat().st_size for f in paths[name].glob("*.safetensors"))
-        if name == u8:  # neither uniform 4-bit nor the same size: held-out metrics only
-            assert not set(m) & {*cfg.tasks, "capability"}
-            continue
         assert m["capability"] == pytest.approx(np.mean([m[t] for t in cfg.tasks]))
         assert all(0.0 <= m[t] <= 1.0 for t in cfg.tasks)
     assert metrics["reference"]["kl_mean"] == 0.0 and metrics["reference"]["top1"] == 1.0
@@ -196,16 +259,19 @@ def test_eval_writes_flat_metrics_with_deltas_and_predictions(tiny_run):
 
 
 def test_eval_writes_samples_summary_and_plots(tiny_run):
-    result, out, cfg, _ = tiny_run
+    result, root, cfg, _ = tiny_run
+    out = root / "eval"
     samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert [s["task"] for s in samples] == list(cfg.tasks)
     for s in samples:
         assert set(s["answers"]) == set(s["scores"]) == {"reference", "mixed",
-                                                         "uniform-affine-b4-g64"}
+                                                         "uniform-affine-b4-g64",
+                                                         "uniform-affine-b8-g64"}
     summary = (out / "summary.md").read_text()
     for name in result["models"]:
         assert f"| {name} |" in summary
     assert "Δ vs `uniform-affine-b4-g64`" in summary and "## Timings" in summary
+    assert "| reference (again, for mixed) |" in summary
     with open(out / "kl_per_layer.csv") as fh:
         rows = list(csv.DictReader(fh))
     assert list(rows[0]) == ["layer_index", "layer", "mixed", "uniform-affine-b4-g64",
@@ -218,3 +284,31 @@ def test_eval_writes_samples_summary_and_plots(tiny_run):
         assert [r["quant"] for r in csv.DictReader(fh)] == list(result["plans"])
     for png in ("kl_per_layer.png", "bits_per_layer.png", "kl_vs_size.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_dvc_eval_baselines_reads_nothing_of_the_budget():
+    stages = yaml.safe_load((Path(__file__).parents[1] / "dvc.yaml").read_text())["stages"]
+    baselines, mixed = stages["eval-baselines"], stages["eval"]
+    assert baselines["params"] == ["eval"] and baselines["outs"] == ["outputs/eval-baselines"]
+    assert {"outputs/model", "outputs/calibration", "outputs/baselines"} <= set(baselines["deps"])
+    assert not [d for d in baselines["deps"] if d.startswith("outputs/quant")
+                or d in ("outputs/plan", "outputs/sensitivity", "mixq/eval_report.py")]
+    assert {"outputs/quant", "outputs/eval-baselines", "mixq/eval_runs.py"} <= set(mixed["deps"])
+    code = {"stages/eval_baselines.py", "mixq/eval_runs.py", "mixq/evaluate.py"}
+    assert code <= set(baselines["deps"]) and mixed["params"] == ["eval"]
+
+
+def test_dvc_budget_change_reruns_eval_but_not_eval_baselines(tiny_llama_dir, tmp_path):
+    project = copy_project(tmp_path / "project")
+    small_eval = ["eval.samples_per_task=1", "eval.max_tokens=4", "eval.hashhop_tokens=64"]
+    compose(project, tiny_llama_dir, *small_eval)
+    assert {"eval-baselines", "eval"} <= executed(run(["dvc", "repro", "eval"], project))
+    first = read_json(project / "outputs" / "eval" / "metrics.json")
+
+    compose(project, tiny_llama_dir, *small_eval, "quant.target_bpw=6.0")
+    assert executed(run(["dvc", "repro", "eval"], project)) == {"allocate", "convert", "eval"}
+    swept = read_json(project / "outputs" / "eval" / "metrics.json")
+    assert (project / "params.yaml").read_text().count("target_bpw: 6.0") == 1
+    assert swept["mixed"]["kl_mean"] > 0 and swept["uniform4"] in swept
+    assert {k: v for k, v in swept.items() if k.startswith("uniform-")} == {
+        k: v for k, v in first.items() if k.startswith("uniform-")}
