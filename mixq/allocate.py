@@ -35,7 +35,16 @@ log = logging.getLogger("mixq")
 
 
 class InfeasibleTargetError(ValueError):
-    """The target BPW is outside what the candidates and protect rules can reach."""
+    """The target BPW is outside what the candidates and protect rules can reach: ``lo`` to
+    ``hi`` bits per weight (rounded inwards to 4 decimals, so both are reachable)."""
+
+    def __init__(self, target: float, lo: float, hi: float):
+        super().__init__(
+            f"target_bpw={target} is infeasible: with these candidates and protect rules the "
+            f"feasible range is {lo:.4f} to {hi:.4f} bits per weight (all stored bits, incl. "
+            f"scales, biases and unquantized tensors, per parameter)"
+        )
+        self.target, self.lo, self.hi = target, lo, hi
 
 
 class Problem(NamedTuple):
@@ -71,11 +80,7 @@ def build_problem(
     budget = budget_bits(table, target_bpw)
     if not lo_bits <= budget <= hi_bits:
         lo, hi = math.ceil(lo_bits / total * 1e4) / 1e4, math.floor(hi_bits / total * 1e4) / 1e4
-        raise InfeasibleTargetError(
-            f"target_bpw={target_bpw} is infeasible: with these candidates and protect rules "
-            f"the feasible range is {lo:.4f} to {hi:.4f} bits per weight (all stored bits, "
-            f"incl. scales, biases and unquantized tensors, per parameter)"
-        )
+        raise InfeasibleTargetError(target_bpw, lo, hi)
     problem = Problem([], [], [], [], {}, budget - lo_bits)
     for layer, cands, protected in layer_choices(table, protect):
         if protected:

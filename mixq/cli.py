@@ -1,4 +1,5 @@
-"""The `mixq` command line: `mixq compose`, `mixq generate`."""
+"""The `mixq` command line: `mixq compose`, `mixq generate`, `mixq sweep`,
+`mixq frontier`."""
 
 from __future__ import annotations
 
@@ -72,13 +73,35 @@ def main(argv: list[str] | None = None) -> None:
                    help="kv_config.json (default: beside the model, else outputs/kv/ if it was "
                         "measured for this model); 'none' for an unquantized KV cache")
 
-    args = parser.parse_args(argv)
+    p = sub.add_parser("frontier", help="quality/size Pareto frontier over the workspace and "
+                                        "every DVC experiment (outputs/frontier/)")
+    p.add_argument("--repo", type=Path, default=Path("."), help="DVC repository (default: .)")
+    p.add_argument("--output", type=Path, default=None,
+                   help="output folder (default: <repo>/outputs/frontier)")
+    p.add_argument("--metrics", default=None,
+                   help="eval metrics file of each run, relative to the repo "
+                        "(default: outputs/eval/metrics.json)")
+
+    sub.add_parser("sweep", add_help=False,
+                   help="Hydra app: each job one `dvc exp run --temp` (e.g. mixq sweep -m "
+                        "quant.target_bpw=4.25,4.5,5.0 [hydra/launcher=joblib]); --help: Hydra's")
+
+    args, hydra_args = parser.parse_known_args(argv)
+    if args.command == "sweep":
+        from mixq.sweep import main as sweep_main
+
+        setup_logging(args.verbose)
+        return sweep_main(hydra_args)
+    if hydra_args:
+        parser.error(f"unrecognized arguments: {' '.join(hydra_args)}")
     setup_logging(args.verbose)
     if args.command == "compose":
         compose_params(args.overrides, args.conf, args.output)
         log.info("wrote %s", args.output)
     elif args.command == "generate":
         run_generate(args)
+    elif args.command == "frontier":
+        run_frontier(args)
 
 
 def run_generate(args: argparse.Namespace) -> None:
@@ -90,6 +113,17 @@ def run_generate(args: argparse.Namespace) -> None:
                     verbose=args.verbose)  # verbose: mlx-lm streams the text and its stats
     if not args.verbose:
         print(text)
+
+
+def run_frontier(args: argparse.Namespace) -> None:
+    """`mixq frontier`: write outputs/frontier/ and print the table as markdown."""
+    from mixq.frontier import METRICS, frontier_markdown, write_frontier
+
+    out_dir = args.output or args.repo / "outputs" / "frontier"
+    rows = write_frontier(args.repo, out_dir, args.metrics or METRICS)
+    print(frontier_markdown(rows))
+    log.info("wrote %s (%d points, %d Pareto-optimal)", out_dir, len(rows),
+             sum(r["pareto"] for r in rows))
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from omegaconf import MISSING, OmegaConf
+from omegaconf.errors import ValidationError
 
 DOMAINS = ["prose", "reasoning", "code", "agent", "tool_call", "constraints"]
 
@@ -72,7 +73,7 @@ class ProtectRule:
 @dataclass
 class QuantConfig:
     candidates: List[Candidate] = field(
-        default_factory=lambda: [Candidate(4, 64), Candidate(8, 64)]
+        default_factory=lambda: [Candidate(b, 64) for b in (3, 4, 6, 8)]
     )
     target_bpw: float = 5.0
     allocator: str = "optimal"
@@ -82,10 +83,30 @@ class QuantConfig:
 
 @dataclass
 class MeasureConfig:
+    """How measure-kl scores layers; ``shards``: how many independent DVC stages
+    (``measure-kl@0`` ... ``measure-kl@{shards-1}``) split the layers between them, balanced by
+    cost. ``shard_ids`` is derived from it at compose time (``${shard_ids:${.shards}}`` in
+    conf/measure/, because DVC's ``foreach`` needs a list); don't set it by hand."""
+
     method: str = "fisher"
     reference: str = "auto"
     chunk_tokens: int = 512
-    shard: Optional[str] = None
+    shards: int = 1
+    shard_ids: List[int] = field(default_factory=lambda: [0])
+
+    def __post_init__(self) -> None:
+        if self.shards < 1:
+            raise ValidationError(f"measure.shards must be at least 1, not {self.shards}")
+        if list(self.shard_ids) != shard_ids(self.shards):
+            raise ValidationError(
+                f"measure.shard_ids {list(self.shard_ids)} does not match measure.shards="
+                f"{self.shards}: set measure.shards only and compose again (`mixq compose`)"
+            )
+
+
+def shard_ids(shards: int) -> list[int]:
+    """``[0, 1, ..., shards - 1]``: the ``shard_ids`` resolver of the measure config."""
+    return list(range(int(shards)))
 
 
 @dataclass
@@ -141,10 +162,12 @@ class Config:
 
 
 def register_schema() -> None:
-    """Register :class:`Config` in Hydra's ConfigStore as ``mixq_schema``."""
+    """Register :class:`Config` in Hydra's ConfigStore as ``mixq_schema`` and the
+    ``shard_ids`` resolver (see :class:`MeasureConfig`) in OmegaConf."""
     from hydra.core.config_store import ConfigStore
 
     ConfigStore.instance().store(name="mixq_schema", node=Config)
+    OmegaConf.register_new_resolver("shard_ids", shard_ids, replace=True)
 
 
 def load_params(path: str | Path = "params.yaml") -> Config:

@@ -37,7 +37,7 @@ from mlx_lm.models.cache import ArraysCache, KVCache, RotatingKVCache, make_prom
 from mlx_lm.utils import load_model
 from tqdm import tqdm
 
-from mixq.allocate import allocate, uniform_plan
+from mixq.allocate import InfeasibleTargetError, allocate, uniform_plan
 from mixq.budget import DTYPE_BITS, candidate_dict
 from mixq.calibration import read_calibration
 from mixq.config import KVConfig, MeasureConfig, QuantConfig
@@ -226,7 +226,19 @@ def kv_plan(table: Mapping[str, Any], kv: KVConfig) -> dict:
     """:func:`mixq.allocate.allocate` of ``table`` to ``kv.target_bits`` with ``kv.allocator``."""
     quant = QuantConfig(candidates=kv.candidates, target_bpw=kv.target_bits,
                         allocator=kv.allocator, protect=[], dtype=table["dtype"])
-    return allocate(table, quant, DTYPE_BITS[table["dtype"]])
+    try:
+        return allocate(table, quant, DTYPE_BITS[table["dtype"]])
+    except InfeasibleTargetError as err:
+        unfit = "" if any(layer["kl"] for layer in table["layers"]) else (
+            f" No candidate fits any KV cache (head dims "
+            f"{sorted({d for layer in table['layers'] for d in layer['head_dims']})}, candidate "
+            f"group sizes {sorted({c.group_size for c in kv.candidates})}): they stay "
+            f"unquantized, so only kv.target_bits={err.hi:g} is reachable."
+        )
+        raise ValueError(
+            f"kv.target_bits={kv.target_bits} is infeasible: the candidates reach {err.lo:.4f} "
+            f"to {err.hi:.4f} stored bits per cached element (incl. scales and biases).{unfit}"
+        ) from None
 
 
 def kv_config(table: Mapping[str, Any], plan: Mapping[str, Any], model_dir: Path) -> dict:

@@ -17,6 +17,7 @@ from matplotlib.cm import ScalarMappable
 from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch, Rectangle
+from matplotlib.ticker import LogFormatter
 
 from mixq.budget import layer_bits
 
@@ -233,7 +234,8 @@ def plot_kv_sensitivity(
     chosen = config["layers"]
     top.scatter([int(p) for p in chosen], [e["kl"] for e in chosen.values()], s=80,
                 facecolors="none", edgecolors="crimson", linewidths=1.4, zorder=3, label="chosen")
-    top.set_yscale("log")
+    if chosen:  # nothing measured (no candidate fits): an empty linear panel
+        top.set_yscale("log")
     top.set_ylabel("KL per token (mean)")
     top.grid(alpha=0.3, which="both")
     top.legend(fontsize=8, frameon=False, loc="upper left", bbox_to_anchor=(1.0, 1.0))
@@ -252,4 +254,37 @@ def plot_kv_sensitivity(
         f"{s['unquantized_bytes_per_token']:.0f} unquantized, predicted KL {s['predicted_kl']:.3g}",
         fontsize=10,
     )
+    fig.savefig(path, dpi=130)
+
+
+def plot_frontier(rows: List[Mapping[str, Any]], path: str | Path) -> None:
+    """PNG of held-out mean KL against on-disk size (both log) of every evaluated point
+    (``rows``: name, kind mixed|uniform, size_bytes, kl_mean, pareto): mixed quants as dots,
+    uniform baselines as squares, the Pareto-optimal points joined by a step line and labelled."""
+    fig = Figure(figsize=(8, 5.5), layout="constrained")
+    ax = fig.add_subplot()
+    styles = {"mixed": ("o", "tab:blue", "mixed (mixq)"), "uniform": ("s", "tab:orange",
+                                                                      "uniform baseline")}
+    for kind, (marker, colour, label) in styles.items():
+        points = [r for r in rows if r["kind"] == kind]
+        if points:
+            ax.scatter([r["size_bytes"] / 1e6 for r in points], [r["kl_mean"] for r in points],
+                       marker=marker, color=colour, s=50, zorder=3, label=label)
+    front = sorted((r for r in rows if r["pareto"]), key=lambda r: r["size_bytes"])
+    ax.step([r["size_bytes"] / 1e6 for r in front], [r["kl_mean"] for r in front], where="post",
+            color="black", linewidth=1.0, zorder=2, label="Pareto frontier")
+    for r in front:
+        target = f" ({r['target_bpw']} bpw target)" if r.get("target_bpw") is not None else ""
+        ax.annotate(f"{r['name']}{target}", (r["size_bytes"] / 1e6, r["kl_mean"]),
+                    textcoords="offset points", xytext=(6, 4), fontsize=8)
+    ax.set_xscale("log")
+    for axis in (ax.xaxis.set_major_formatter, ax.xaxis.set_minor_formatter):
+        axis(LogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.5)))  # 80, not 8x10^1
+    ax.set_yscale("log")
+    ax.set_xlabel("on-disk size of the safetensors (MB, log)")
+    ax.set_ylabel("held-out KL(reference || quant) per token (mean, log)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=9, frameon=False)
+    ax.set_title(f"Quality/size frontier: {len(front)} of {len(rows)} points Pareto-optimal",
+                 fontsize=11)
     fig.savefig(path, dpi=130)

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import re
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import mixq  # noqa: F401  (loads OpenBLAS before mlx.core)
@@ -83,16 +88,74 @@ def tiny_moe(seed: int = 0):
 def tiny_llama_dir(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An MLX model dir: a 2-block random Llama with SmolLM2's real tokenizer and chat
     template (fast stand-in for pipeline tests)."""
-    import json
     import shutil
+
+    out = save_tiny_llama(tiny_llama(), tmp_path_factory.mktemp("tiny") / "tiny-llama")
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        shutil.copy(smollm2_dir / name, out / name)
+    return out
+
+
+# Real `dvc` runs in temporary git copies of this project (test_pipeline_dvc, test_remote).
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run(args: list[str], cwd: Path) -> str:
+    """Run a command in ``cwd`` (this venv's tools first on PATH); fail on a non-zero exit;
+    return stdout + stderr."""
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1", "MIXQ_CACHE": str(cwd / ".mixq-cache")}
+    bindir = str(Path(sys.executable).parent)
+    env["PATH"] = bindir + os.pathsep + env.get("PATH", "")
+    proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout + proc.stderr
+
+
+def executed(log: str) -> set[str]:
+    """Stages a `dvc repro` log says it ran."""
+    return set(re.findall(r"Running stage '([^']+)'", log))
+
+
+def restored(log: str) -> set[str]:
+    """Stages a `dvc repro` log says it restored from the run cache."""
+    return set(re.findall(r"Stage '([^']+)' is cached - skipping run", log))
+
+
+def copy_project(root: Path) -> Path:
+    """A fresh git + DVC repo at ``root`` holding this project's working-tree files that git
+    does not ignore (no tests, benchmarks or dvc.lock), committed once."""
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+                           cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
+    for name in files:
+        if (name.startswith(("tests/", "benchmarks/")) or name == "dvc.lock"
+                or not (REPO / name).is_file()):
+            continue
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(REPO / name, root / name)
+    run(["git", "init", "-q"], root)
+    git_commit(root, "init")
+    return root
+
+
+def git_commit(root: Path, message: str) -> None:
+    """``git add -A`` and commit everything in ``root`` under a throwaway identity."""
+    run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "add", "-A"], root)
+    run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", message], root)
+
+
+def compose(project: Path, tiny_llama_dir: Path, *overrides: str) -> None:
+    """`mixq compose` the tiny-Llama pipeline (64-token windows, 1 sample per domain)."""
+    run([sys.executable, "-m", "mixq", "compose", "model=path", f"model.id={tiny_llama_dir}",
+         "calibration.seq_len=64", "calibration.samples_per_domain=1", *overrides], project)
+
+
+def save_tiny_llama(model, out: Path) -> Path:
+    """Save a :func:`tiny_llama` as an MLX model dir (weights and config.json, no tokenizer)."""
+    import json
 
     from mlx_lm.utils import save_model
 
-    out = tmp_path_factory.mktemp("tiny") / "tiny-llama"
-    model = tiny_llama()
     save_model(out, model)
     config = {**model.args.__dict__, "architectures": ["LlamaForCausalLM"]}
     (out / "config.json").write_text(json.dumps(config))
-    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
-        shutil.copy(smollm2_dir / name, out / name)
     return out

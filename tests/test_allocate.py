@@ -27,6 +27,7 @@ from mixq.budget import (
 from mixq.config import Candidate, ProtectRule, QuantConfig
 from mixq.plots import plot_bit_map, plot_sensitivity_heatmap
 
+CANDIDATES_4_8 = [Candidate(4, 64), Candidate(8, 64)]  # what smollm2_table() measures
 FOUR = [candidate_dict(c) for c in
         [Candidate(4, 64), Candidate(8, 64), Candidate(4, 32, "mxfp4"), Candidate(4, 128)]]
 
@@ -115,7 +116,7 @@ def test_optimal_is_monotone_and_fills_the_budget():
 
 def test_infeasible_targets_name_the_feasible_range():
     table = smollm2_table()
-    quant = QuantConfig(target_bpw=4.5)  # the norms at bf16 put the floor at 4.5030
+    quant = QuantConfig(CANDIDATES_4_8, target_bpw=4.5)  # the norms at bf16 put the floor at 4.5030
     with pytest.raises(InfeasibleTargetError, match=r"4\.5031 to 8\.5019 bits per weight"):
         allocate(table, quant, 16)
     with pytest.raises(InfeasibleTargetError, match="feasible range"):
@@ -173,7 +174,7 @@ def test_allocate_rejects_unmeasured_candidates_and_unknown_allocators():
     with pytest.raises(ValueError, match="not measured"):
         allocate(table, QuantConfig(candidates=[Candidate(4, 32, "mxfp4")], target_bpw=5.0), 16)
     with pytest.raises(ValueError, match="quant.allocator"):
-        allocate(table, QuantConfig(target_bpw=5.0, allocator="anneal"), 16)
+        allocate(table, QuantConfig(CANDIDATES_4_8, target_bpw=5.0, allocator="anneal"), 16)
 
 
 def test_missing_or_nan_kl_is_an_error():
@@ -188,7 +189,7 @@ def test_missing_or_nan_kl_is_an_error():
 def test_layers_without_candidates_stay_unquantized():
     table = smollm2_table()
     table["layers"][0]["kl"] = {}  # e.g. an embedding no group size divides
-    plan = allocate(table, QuantConfig(target_bpw=7.0), 16)
+    plan = allocate(table, QuantConfig(CANDIDATES_4_8, target_bpw=7.0), 16)
     assert "model.embed_tokens" not in plan["layers"]
     assert plan["summary"]["unquantized_layers"] == ["model.embed_tokens"]
     assert plan["summary"]["feasible_bpw"][0] > 4.5 + 16 * 0.21 - 4.5 * 0.21
@@ -207,7 +208,7 @@ def test_optimal_is_fast_on_a_thousand_layers():
 
 def test_plots_write_pngs(tmp_path):
     table = smollm2_table(FOUR)
-    quant = QuantConfig(target_bpw=5.5, protect=[ProtectRule("*.v_proj", 8, 64)])
+    quant = QuantConfig(CANDIDATES_4_8, target_bpw=5.5, protect=[ProtectRule("*.v_proj", 8, 64)])
     plan = allocate(table, quant, 16)
     plot_bit_map(plan, table, tmp_path / "bits.png")
     plot_sensitivity_heatmap(table, tmp_path / "kl.png")
