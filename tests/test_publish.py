@@ -31,8 +31,8 @@ from mixq.allocate import allocate
 from mixq.card import compose_overrides, recipe_section, render_card
 from mixq.cli import compose_params
 from mixq.config import (
-    CalibrationConfig, Config, ModelConfig, ProtectRule, PublishConfig, QuantConfig, as_dict,
-    load_params,
+    CalibrationConfig, Candidate, Config, ModelConfig, ProtectRule, PublishConfig, QuantConfig,
+    as_dict, load_params,
 )
 from mixq.io import read_json, write_json
 from mixq.prepare import embedded_gguf, sha256_file
@@ -76,7 +76,7 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("project")
     table = {**smollm2_table(), "tokens": 3072, "method": "fisher", "reference": "float",
              "dtype": "bfloat16"}
-    plan = allocate(table, QuantConfig(), 16)
+    plan = allocate(table, QuantConfig([Candidate(4, 64), Candidate(8, 64)]), 16)  # the table's
     quant = root / "outputs/quant"
     (quant / "mixq").mkdir(parents=True)
     save_file({"w": np.arange(50_000, dtype=np.uint32)}, str(quant / "model.safetensors"))
