@@ -60,7 +60,8 @@ def run_point(overrides: list[str], job_dir: Path) -> dict[str, Any]:
     ``RuntimeError`` naming the log if ``dvc exp run`` fails."""
     job_dir.mkdir(parents=True, exist_ok=True)
     cmd = dvc_exp_run_command(overrides, "mixq sweep: " + " ".join(overrides))
-    log.info("sweep point %s: %s", overrides, " ".join(cmd))
+    log.info("sweep point %s: %s (follow: tail -f %s)", overrides, " ".join(cmd),
+             job_dir / "dvc.log")
     start = time.perf_counter()
     with open(job_dir / "dvc.log", "w") as out:
         proc = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, text=True,

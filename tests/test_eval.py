@@ -19,7 +19,6 @@ import yaml
 from mlx.utils import tree_flatten
 from mlx_lm.sample_utils import make_sampler
 from mlx_lm.utils import dequantize_model, load_tokenizer
-from conftest import compose, copy_project, executed, run
 from test_convert import table_for
 from tqdm import tqdm
 
@@ -296,19 +295,3 @@ def test_dvc_eval_baselines_reads_nothing_of_the_budget():
     assert {"outputs/quant", "outputs/eval-baselines", "mixq/eval_runs.py"} <= set(mixed["deps"])
     code = {"stages/eval_baselines.py", "mixq/eval_runs.py", "mixq/evaluate.py"}
     assert code <= set(baselines["deps"]) and mixed["params"] == ["eval"]
-
-
-def test_dvc_budget_change_reruns_eval_but_not_eval_baselines(tiny_llama_dir, tmp_path):
-    project = copy_project(tmp_path / "project")
-    small_eval = ["eval.samples_per_task=1", "eval.max_tokens=4", "eval.hashhop_tokens=64"]
-    compose(project, tiny_llama_dir, *small_eval)
-    assert {"eval-baselines", "eval"} <= executed(run(["dvc", "repro", "eval"], project))
-    first = read_json(project / "outputs" / "eval" / "metrics.json")
-
-    compose(project, tiny_llama_dir, *small_eval, "quant.target_bpw=6.0")
-    assert executed(run(["dvc", "repro", "eval"], project)) == {"allocate", "convert", "eval"}
-    swept = read_json(project / "outputs" / "eval" / "metrics.json")
-    assert (project / "params.yaml").read_text().count("target_bpw: 6.0") == 1
-    assert swept["mixed"]["kl_mean"] > 0 and swept["uniform4"] in swept
-    assert {k: v for k, v in swept.items() if k.startswith("uniform-")} == {
-        k: v for k, v in first.items() if k.startswith("uniform-")}

@@ -40,9 +40,14 @@ def project(tiny_llama_dir, tmp_path_factory) -> Path:
 
 
 def experiments(project: Path) -> dict[str, dict]:
-    """Experiment name -> its `dvc exp show` row (params and metrics)."""
-    return {row["Experiment"]: row for row in dvc.api.exp_show(repo=str(project))
-            if row.get("Experiment")}
+    """Experiment name -> its `dvc exp show` row (params and metrics); "workspace" too."""
+    return {row["Experiment"] or row["rev"]: row for row in dvc.api.exp_show(repo=str(project))
+            if row["Experiment"] or row["rev"] == "workspace"}
+
+
+def baselines(row: dict) -> dict:
+    """The uniform baselines' eval metrics of a `dvc exp show` row."""
+    return {k: v for k, v in row.items() if k.startswith("uniform-")}
 
 
 def assert_point(row: dict, target_bpw: float) -> None:
@@ -64,6 +69,7 @@ def test_queued_dvc_exp_sweep_reruns_only_allocate_onward(project):
     assert set(points) == {3.6, 4.5}
     for target, name in points.items():
         assert_point(rows[name], target)
+        assert baselines(rows[name]) == baselines(rows["workspace"])  # evaluated once, reused
         ran = executed(run(["dvc", "queue", "logs", name], project))
         assert ran == POINT, f"{name} ran {ran}"  # measure-kl ran once: in the base run
 
