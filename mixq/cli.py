@@ -81,6 +81,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--metrics", default=None,
                    help="eval metrics file of each run, relative to the repo "
                         "(default: outputs/eval/metrics.json)")
+    p.add_argument("--all-commits", action="store_true",
+                   help="also experiments based on earlier commits (default: HEAD's, as "
+                        "`dvc exp show`)")
 
     sub.add_parser("sweep", add_help=False,
                    help="Hydra app: each job one `dvc exp run --temp` (e.g. mixq sweep -m "
@@ -120,7 +123,7 @@ def run_frontier(args: argparse.Namespace) -> None:
     from mixq.frontier import METRICS, frontier_markdown, write_frontier
 
     out_dir = args.output or args.repo / "outputs" / "frontier"
-    rows = write_frontier(args.repo, out_dir, args.metrics or METRICS)
+    rows = write_frontier(args.repo, out_dir, args.metrics or METRICS, args.all_commits)
     print(frontier_markdown(rows))
     log.info("wrote %s (%d points, %d Pareto-optimal)", out_dir, len(rows),
              sum(r["pareto"] for r in rows))

@@ -84,9 +84,12 @@ def exp_states(states: Sequence[Any]) -> Iterator[tuple[str, Any, Optional[str]]
             yield "workspace", baseline, None
 
 
-def collect_points(repo_dir: Path, metrics_path: str = METRICS) -> tuple[list[dict], list[dict]]:
+def collect_points(
+    repo_dir: Path, metrics_path: str = METRICS, all_commits: bool = False
+) -> tuple[list[dict], list[dict]]:
     """Every evaluated point of the DVC repo at ``repo_dir`` (deduplicated, ``sources`` naming
-    where each was found) and the runs skipped for lack of metrics (``name``, ``reason``)."""
+    where each was found) and the runs skipped for lack of metrics (``name``, ``reason``).
+    Experiments of HEAD, or with ``all_commits`` of every commit (and those commits)."""
     from dvc.exceptions import NotDvcRepoError
     from dvc.repo import Repo
 
@@ -97,7 +100,7 @@ def collect_points(repo_dir: Path, metrics_path: str = METRICS) -> tuple[list[di
     points: dict[str, dict] = {}
     skipped = []
     with repo:
-        runs = list(exp_states(repo.experiments.show()))
+        runs = list(exp_states(repo.experiments.show(all_commits=all_commits)))
         for name, state, executor in tqdm(runs, desc="experiments", unit="exp", leave=False):
             if executor not in (None, "success"):
                 skipped.append({"name": name, "reason": f"experiment is {executor}"})
@@ -151,10 +154,13 @@ def frontier_markdown(rows: list[dict]) -> str:
     ])
 
 
-def write_frontier(repo_dir: Path, out_dir: Path, metrics_path: str = METRICS) -> list[dict]:
-    """Collect the points of ``repo_dir`` and write ``out_dir``/frontier.csv, frontier.json and
-    frontier.png; returns the CSV rows. Fails when no run has eval metrics."""
-    points, skipped = collect_points(repo_dir, metrics_path)
+def write_frontier(
+    repo_dir: Path, out_dir: Path, metrics_path: str = METRICS, all_commits: bool = False
+) -> list[dict]:
+    """Collect the points of ``repo_dir`` (:func:`collect_points`) and write
+    ``out_dir``/frontier.csv, frontier.json and frontier.png; returns the CSV rows. Fails when
+    no run has eval metrics."""
+    points, skipped = collect_points(repo_dir, metrics_path, all_commits)
     if not points:
         raise SystemExit(f"mixq frontier: no evaluated point in {repo_dir} (no run has "
                          f"{metrics_path}; run `dvc repro` or `dvc exp run` first)")

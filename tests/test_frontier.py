@@ -117,6 +117,21 @@ def test_frontier_over_real_experiments(exp_repo):
     assert len(values) == len(rows)
 
 
+def test_all_commits_reaches_experiments_of_earlier_commits(exp_repo):
+    """After a commit lands, the sweep's experiments hang off the previous commit: only
+    --all-commits (like `dvc exp show --all-commits`) still finds them."""
+    (exp_repo / "NOTES.md").write_text("a commit after the sweep\n")
+    git_commit(exp_repo, "later")
+    names = {}
+    for flags in ([], ["--all-commits"]):
+        run([sys.executable, "-m", "mixq", "frontier", *flags], exp_repo)
+        with open(exp_repo / "outputs" / "frontier" / "frontier.csv") as fh:
+            names[tuple(flags)] = {r["name"] for r in csv.DictReader(fh) if r["kind"] == "mixed"}
+    sweep = {"t4.25", "t4.5", "t5.0", "t5.5"}
+    assert len(names[()]) == 1 and not names[()] & sweep  # the new commit's own point only
+    assert sweep <= names[("--all-commits",)]
+
+
 def test_frontier_without_eval_metrics_fails_clearly(tmp_path):
     run(["git", "init", "-q"], tmp_path)
     run(["dvc", "init", "-q"], tmp_path)
