@@ -31,6 +31,8 @@ log = logging.getLogger("mixq")
 EMBEDDED_BASE_MODELS = {"smollm2-135m-instruct": "HuggingFaceTB/SmolLM2-135M-Instruct"}
 # the params that determine the quantized weights (hashed), and those the card shows
 HASHED_SECTIONS = ("model", "calibration", "quant", "measure")
+# How the work was split, not what it computed: sharded measure-kl writes the unsharded table.
+UNHASHED_KEYS = {"measure": ("shards", "shard_ids")}
 CARD_SECTIONS = (*HASHED_SECTIONS, "eval")
 
 
@@ -39,8 +41,11 @@ class PublishError(RuntimeError):
 
 
 def params_hash(cfg: Config) -> str:
-    """12 hex digits of the sha256 of :data:`HASHED_SECTIONS` of ``cfg`` as canonical JSON."""
+    """12 hex digits of the sha256 of :data:`HASHED_SECTIONS` of ``cfg`` (less
+    :data:`UNHASHED_KEYS`) as canonical JSON."""
     sections = {name: as_dict(getattr(cfg, name)) for name in HASHED_SECTIONS}
+    for name, keys in UNHASHED_KEYS.items():
+        sections[name] = {k: v for k, v in sections[name].items() if k not in keys}
     text = json.dumps(sections, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 

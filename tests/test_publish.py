@@ -243,6 +243,7 @@ def test_params_hash_covers_only_what_determines_the_weights():
     unrelated = config(push=True, private=False)
     unrelated.eval.samples_per_task = 99
     unrelated.kv.target_bits = 2.0
+    unrelated.measure.shards, unrelated.measure.shard_ids = 3, [0, 1, 2]  # same table
     assert params_hash(unrelated) == base
 
 
