@@ -27,9 +27,11 @@ from typing import Any
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from mixq.io import write_json
+from mixq.eval_report import markdown_table
+from mixq.io import read_json, write_json
 
 log = logging.getLogger("mixq")
 
@@ -85,6 +87,26 @@ def sweep_job(cfg: DictConfig) -> dict[str, Any]:
     experiment from the project root."""
     hydra_cfg = HydraConfig.get()
     return run_point(list(hydra_cfg.overrides.task), Path(hydra_cfg.runtime.output_dir))
+
+
+def sweep_summary(results: list[dict[str, Any]]) -> str:
+    """A markdown table of the points' ``result.json``: overrides, experiment, stages run,
+    seconds."""
+    rows = [[" ".join(r["overrides"]) or "(defaults)", r["experiment"] or "?",
+             ", ".join(r["stages"]["ran"]) or "nothing (all restored or unchanged)",
+             f"{r['seconds']:.0f}"] for r in results]
+    return markdown_table(["point", "experiment", "stages run", "seconds"], rows)
+
+
+class SweepSummary(Callback):
+    """Hydra callback (``hydra.callbacks`` in conf/config.yaml): after a multirun, print one line
+    per finished point and where the results are."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        done = sorted(sweep_dir.glob("*/result.json"), key=lambda p: int(p.parent.name))
+        print(sweep_summary([read_json(p) for p in done]))
+        print(f"\nlogs: {sweep_dir}/<job>/dvc.log; compare: `dvc exp show`, `mixq frontier`")
 
 
 def main(argv: list[str]) -> None:

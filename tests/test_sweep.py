@@ -86,6 +86,8 @@ def test_hydra_multirun_records_each_point_as_an_experiment(project):
         assert set(result["stages"]["ran"]) == POINT
         assert UPSTREAM <= set(result["stages"]["unchanged"])
         assert_point(rows[result["experiment"]], target)
+        assert re.search(rf"\| quant.target_bpw={target} \| {result['experiment']} \| allocate, "
+                         rf"convert, kv-sensitivity, eval, publish \| \d+ \|", log)  # summary
 
 
 def test_sweep_rejects_a_bad_override_before_running_anything(project):
