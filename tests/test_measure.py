@@ -14,7 +14,7 @@ import mixq  # noqa: F401
 import mlx.core as mx
 import numpy as np
 import pytest
-from conftest import tiny_llama, tiny_moe, tiny_qwen35_hybrid
+from conftest import tiny_moe, tiny_qwen35_hybrid
 
 from mixq.budget import candidate_name
 from mixq.config import Candidate, MeasureConfig
