@@ -108,7 +108,8 @@ def interpreter() -> str:
     return getattr(sys, "_base_executable", None) or sys.executable
 
 
-def command(mode: str, cpu_seconds: int, memory_bytes: int, status_fd: int, workdir: str) -> list:
+def command(mode: str, cpu_seconds: int, memory_bytes: int, status_fd: int,
+            workdir: Optional[str]) -> list:
     uid = UID_BASE + secrets.randbelow(1 << 24) if sys.platform == "linux" and os.geteuid() == 0 \
         else -1
     limits = [cpu_seconds, memory_bytes, OUTPUT_BYTES, DISK_BYTES, PROCESSES, uid, status_fd]
@@ -146,8 +147,9 @@ def run_once(mode: str, program: str, tests: str, timeout: float, cpu_seconds: O
     cpu = cpu_seconds or int(timeout) + 1
     nonce = secrets.token_hex(16)
     started = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="mixq-sandbox-") as workdir, \
-            tempfile.TemporaryFile() as sink:
+    own_dir = sys.platform != "linux"  # macOS: the runner's directory (Linux: the launcher's)
+    with (tempfile.TemporaryDirectory(prefix="mixq-sandbox-") if own_dir else
+          contextlib.nullcontext()) as workdir, tempfile.TemporaryFile() as sink:
         read_end, write_end = os.pipe()
         with open(read_end, "rb") as status:
             try:

@@ -7,7 +7,7 @@ network, IPC and UTS namespaces (plus a user namespace when not root), which bui
 root file system and forks] the runner R. R reads the payload, closes stdin, sets rlimits, drops
 privileges (root: a run's own uid; user namespace: all capabilities), installs a seccomp filter
 and runs the program, then the tests, and prints the nonce only after both returned. L waits
-(SIGTERM from the harness means: time is up), kills every descendant (the PID namespace dies with
+(SIGTERM from the harness, or the harness's death, means: time is up), kills every descendant (the PID namespace dies with
 I; mode ``weak``: L is a child subreaper and kills what was reparented to it) and writes one
 marshalled status dict to STATUS_FD, which neither I nor R inherits.
 macOS (mode ``seatbelt``, under ``sandbox-exec``; or ``weak``): this process is R itself.
@@ -332,6 +332,7 @@ def start_namespaces(root):
 def launch():
     """Be L: start the run, wait for it or for SIGTERM, kill everything, report."""
     report = {"timeout": False}
+    harness = os.getppid()
     workdir = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"mixq-sandbox-{os.urandom(6).hex()}")
     os.mkdir(workdir, 0o700)
     try:
@@ -345,8 +346,11 @@ def launch():
             if child == 0:
                 run(workdir)
         signal.signal(signal.SIGTERM, time_up)
+        prctl(PR_SET_PDEATHSIG, signal.SIGTERM)  # the harness died: end the run as on a timeout
         message = b""
         try:
+            if os.getppid() != harness:
+                raise TimeUp
             if MODE == "namespaces":
                 while chunk := os.read(pipe, 4096):
                     message += chunk

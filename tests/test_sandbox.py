@@ -264,6 +264,31 @@ def test_no_descendant_survives(mode, ending):
     assert processes_named(name) == []
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+@pytest.mark.parametrize("mode", MODES)
+def test_a_dying_harness_ends_the_run(mode):
+    """SIGKILL the process that called run_sandboxed: the program (which would sleep for an
+    hour) and its escapee go too."""
+    name = f"esc{secrets.token_hex(5)}"
+    program = ESCAPEE.replace("NAME", name) + "time.sleep(3600)\n"
+    harness = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from mixq.sandbox import run_sandboxed; "
+         "run_sandboxed(sys.argv[1], '', 3600.0, mode=sys.argv[2])", program, mode],
+        env={**os.environ, "PYTHONPATH": str(Path(mixq.sandbox.__file__).parents[1])})
+    try:
+        deadline = time.monotonic() + 30
+        while not processes_named(name) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert processes_named(name), "the escapee never started"
+    finally:
+        harness.kill()
+        harness.wait()
+    deadline = time.monotonic() + 5
+    while processes_named(name) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert processes_named(name) == []
+
+
 @pytest.fixture
 def listener():
     """A TCP listener on 127.0.0.1 (it accepts nothing by itself): (socket, port)."""
