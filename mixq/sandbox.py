@@ -16,7 +16,8 @@ cannot print it. Isolation (:func:`sandbox_isolation`):
   the kernel kills every process left in it (also setsid/double-forked ones).
 * ``seatbelt`` (macOS): ``sandbox-exec`` with a deny-by-default profile (reads of the Python
   installation and system libraries only, writes in a fresh directory only, no network, no
-  fork or exec, no signals or process info but its own), rlimits on CPU seconds and file size.
+  fork, exec of the Python installation only, no signals or process info but its own), rlimits
+  on CPU seconds and file size.
 * ``weak``: what remains when the kernel refuses namespaces (or macOS lacks sandbox-exec):
   rlimits, an empty environment and, on Linux, the seccomp filter, a uid of its own when root
   and a subreaper that kills every descendant; the program sees the whole file system (as that
@@ -31,7 +32,6 @@ import logging
 import marshal
 import os
 import secrets
-import shutil
 import signal
 import subprocess
 import sys
@@ -54,7 +54,7 @@ UID_BASE = 1 << 30  # as root, each run gets uid UID_BASE + randbelow(2**24)
 ALLOW_WEAK = "MIXQ_SANDBOX_ALLOW_WEAK"
 LAUNCHER = Path(__file__).with_name("sandbox_launcher.py")
 SIGNALS = {signal.SIGXCPU: "the CPU time limit", signal.SIGXFSZ: "the file size limit",
-           signal.SIGKILL: "SIGKILL (the hard CPU limit, or out of memory)"}
+           signal.SIGKILL: "the hard CPU time limit, or out of memory"}
 PROBE = "import json, math\n"  # imports a pure and a compiled stdlib module
 
 SEATBELT_PROFILE = """(version 1)
@@ -134,7 +134,8 @@ def verdict(report: dict, output: bytes, nonce: str, timeout: float, cpu: int) -
         return "failed", "the launcher died without a report"
     if code < 0:
         name = signal.Signals(-code).name if -code in set(signal.Signals) else f"signal {-code}"
-        return "failed", f"killed by {SIGNALS.get(-code, name)} ({name}; CPU limit {cpu} s)"
+        cause = f" ({SIGNALS[-code]})" if -code in SIGNALS else ""
+        return "failed", f"killed by {name}{cause}; CPU limit {cpu} s"
     if code == 0:
         return "failed", "exited with code 0 before the tests returned (early exit)"
     lines = output.decode("utf-8", "replace").strip().splitlines()
@@ -210,8 +211,8 @@ def probe(mode: str) -> Optional[str]:
 STRONG = {
     "namespaces": "PID/mount/net/IPC/UTS namespaces, a private read-only root, own uid or no "
                   "capabilities, seccomp, rlimits",
-    "seatbelt": "sandbox-exec deny-by-default profile: no fork/exec/network, reads of the Python "
-                "installation only, rlimits",
+    "seatbelt": "sandbox-exec deny-by-default profile: no fork/network, reads and exec of the "
+                "Python installation only, rlimits",
 }
 
 

@@ -7,9 +7,10 @@ network, IPC and UTS namespaces (plus a user namespace when not root), which bui
 root file system and forks] the runner R. R reads the payload, closes stdin, sets rlimits, drops
 privileges (root: a run's own uid; user namespace: all capabilities), installs a seccomp filter
 and runs the program, then the tests, and prints the nonce only after both returned. L waits
-(SIGTERM from the harness, or the harness's death, means: time is up), kills every descendant (the PID namespace dies with
-I; mode ``weak``: L is a child subreaper and kills what was reparented to it) and writes one
-marshalled status dict to STATUS_FD, which neither I nor R inherits.
+(SIGTERM from the harness, or the harness's death, means: time is up), kills every descendant
+(the PID namespace dies with I; mode ``weak``: L is a child subreaper and kills what was
+reparented to it) and writes one marshalled status dict to STATUS_FD, which neither I nor R
+inherits.
 macOS (mode ``seatbelt``, under ``sandbox-exec``; or ``weak``): this process is R itself.
 """
 
@@ -251,7 +252,7 @@ def run(workdir):
         try:
             import traceback
 
-            traceback.print_exc()
+            traceback.print_exception(type(error), error, error.__traceback__.tb_next)  # not run()
         except BaseException:  # noqa: BLE001 (e.g. the standard library is out of reach)
             os.write(2, f"{type(error).__name__}: {error}\n".encode())
     finally:
