@@ -15,7 +15,7 @@ from mixq.config import EvalConfig
 from mixq.eval_runs import SAME_SIZE_TOLERANCE, deltas
 from mixq.io import write_json
 from mixq.plots import plot_kl_vs_size, plot_per_layer
-from mixq.sandbox import network_isolation
+from mixq.sandbox import available_isolation
 
 
 def layer_series(
@@ -87,13 +87,14 @@ def summary_markdown(result: Mapping[str, Any], cfg: EvalConfig) -> str:
     same = (f"`{metrics['same_size']}`" if metrics["same_size"] != "none" else
             f"none within ±{SAME_SIZE_TOLERANCE:.0%} of the mixed bpw (closest: "
             f"`{metrics['closest_size']}`, {gap:+.1%})")
+    sandbox = f", sandbox {available_isolation().mode}" if "code" in cfg.tasks else ""
     lines = [
         "# Evaluation", "",
         f"{metrics['heldout_tokens']} held-out tokens (calibrate's held-out split). Quants run "
         f"as {', '.join(sorted(kernels))}, float32 activations. Probes answered by {probed}: "
         f"{cfg.samples_per_task} per task (seed {cfg.seed}), greedy, at most {cfg.max_tokens} "
         f"new tokens; mean prompt tokens: {lengths}; hashhop {cfg.hashhop_hops} hops; code "
-        f"tests time out after {cfg.code_timeout} s, network cut by {network_isolation()}.", "",
+        f"tests time out after {cfg.code_timeout} s{sandbox}.", "",
         markdown_table(["model", *(c[0] for c in columns)],
                        [[n, *cells(metrics[n])] for n in models]), "",
         f"## Δ vs `{uniform4}`", "",

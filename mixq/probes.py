@@ -10,7 +10,8 @@ first ``n`` probes of a seed do not depend on ``n``), built from the calibration
   arguments must match (BFCL-style).
 * ``hashhop``: HashHop-style chains of random hashes shuffled into a long context; the answer is
   the hash reached after ``hops`` assignments.
-* ``code``: HumanEval-style functions with unit tests, run in :func:`mixq.sandbox.run_sandboxed`.
+* ``code``: HumanEval-style functions with unit tests, run in :func:`mixq.sandbox.run_sandboxed`
+  (the tests must return: an early exit fails).
 
 Every probe carries a ``reference`` response that scores 1, so each scorer is testable.
 """
@@ -31,7 +32,7 @@ from mixq.config import EvalConfig
 from mixq.corpus_constraints import CONSTRAINTS, FACTS, QUESTIONS, occurrences
 from mixq.corpus_reasoning import PROBLEMS, worked_solution
 from mixq.corpus_tools import EXCHANGES, SCHEMAS
-from mixq.sandbox import run_sandboxed
+from mixq.sandbox import run_sandboxed, sandbox_isolation
 
 TASKS = ("arithmetic", "format", "tool_call", "hashhop", "code")
 
@@ -376,8 +377,8 @@ def extract_code(response: str) -> str:
 
 
 def score_code(probe: Probe, response: str) -> bool:
-    program = f"{extract_code(response)}\n\n{probe.target['tests']}\n"
-    return run_sandboxed(program, probe.target["timeout"]).passed
+    return run_sandboxed(extract_code(response), probe.target["tests"],
+                         probe.target["timeout"]).passed
 
 
 # --- all tasks ----------------------------------------------------------------------------------
@@ -393,10 +394,13 @@ SCORERS: dict[str, Callable[[Probe, str], bool]] = {
 
 def make_probes(cfg: EvalConfig, count_tokens: Callable[[str], int]) -> list[Probe]:
     """``cfg.samples_per_task`` probes per task of ``cfg.tasks``, deterministic from
-    ``cfg.seed``; ``count_tokens(text)`` sizes the hashhop context (``cfg.hashhop_tokens``)."""
+    ``cfg.seed``; ``count_tokens(text)`` sizes the hashhop context (``cfg.hashhop_tokens``).
+    With the code task, first checks that model-written code can be sandboxed here."""
     unknown = [t for t in cfg.tasks if t not in TASKS]
     if unknown:
         raise ValueError(f"eval.tasks: unknown tasks {unknown} (known: {', '.join(TASKS)})")
+    if "code" in cfg.tasks:
+        sandbox_isolation()  # SandboxUnavailable (one line) before any model work
     makers: dict[str, Callable[[random.Random], Probe]] = {
         "arithmetic": arithmetic_probe,
         "format": format_probe,

@@ -1,15 +1,10 @@
 """Task probes: deterministic from the seed; every scorer accepts a right answer (each probe's
-reference, and other right forms) and rejects wrong ones; the code sandbox passes a correct
-solution, fails a wrong one, kills an infinite loop and cuts the network."""
+reference, and other right forms) and rejects wrong ones (the sandbox itself: test_sandbox.py)."""
 
 from __future__ import annotations
 
 import json
-import os
 import re
-import socket
-import threading
-import time
 from dataclasses import replace
 
 import mixq  # noqa: F401
@@ -25,7 +20,6 @@ from mixq.probes import (
     make_probes,
     score,
 )
-from mixq.sandbox import network_isolation, run_sandboxed, unshare_command
 
 
 def word_count(text: str) -> int:
@@ -141,55 +135,10 @@ def test_code_references_pass_and_wrong_code_fails():
     assert score(probe, f'```python\n{stub[0]}"""{stub[1]}"""\n    return None\n```') == 0.0
     assert score(probe, "```python\ndef broken(:\n```") == 0.0
     assert score(probe, "I cannot write code.") == 0.0
+    assert score(probe, "```python\nimport sys\nsys.exit(0)\n```") == 0.0  # exits early
 
 
 def test_extract_code_takes_the_first_block_even_unclosed():
     assert extract_code("Here:\n```python\nx = 1\n```\nand\n```\ny = 2\n```") == "x = 1\n"
     assert extract_code("```py\ndef f():\n    return 1") == "def f():\n    return 1"
     assert extract_code("def f():\n    return 1") == "def f():\n    return 1"
-
-
-def test_sandbox_kills_an_infinite_loop_at_the_timeout():
-    started = time.perf_counter()
-    result = run_sandboxed("while True:\n    pass\n", timeout=1.0)
-    assert result.status == "timeout" and not result.passed
-    assert time.perf_counter() - started < 3.0
-    assert run_sandboxed("x = bytearray(2 << 30)\n", timeout=5.0).status == "failed"  # memory
-    assert run_sandboxed("import os\nprint(sorted(os.environ))", 5.0).output.strip() in (
-        "['LANG', 'PATH']", "['LANG', 'LC_CTYPE', 'PATH']")
-
-
-@pytest.fixture
-def local_server():
-    """A TCP server on this machine's loopback that accepts connections (port)."""
-    server = socket.create_server(("127.0.0.1", 0))
-    thread = threading.Thread(target=lambda: server.accept(), daemon=True)
-    thread.start()
-    yield server.getsockname()[1]
-    server.close()
-
-
-ISOLATIONS = ["guards", pytest.param("unshare", marks=pytest.mark.skipif(
-    unshare_command() is None, reason="unshare -n is not available here"))]
-
-
-@pytest.mark.parametrize("isolation", ISOLATIONS)
-def test_sandbox_cuts_the_network(local_server, isolation):
-    connect = f"import socket\nsocket.create_connection(('127.0.0.1', {local_server}), 2)\n"
-    socket.create_connection(("127.0.0.1", local_server), 2).close()  # reachable from here
-    result = run_sandboxed(connect, timeout=5.0, isolation=isolation)
-    assert result.status == "failed" and result.isolation == isolation
-    assert ("import of socket halted" if isolation == "guards" else "OSError") in result.output
-    assert run_sandboxed("print(6 * 7)\n", 5.0, isolation).output.strip() == "42"
-
-
-def test_default_isolation_prefers_unshare():
-    assert network_isolation() == ("unshare" if unshare_command() else "guards")
-
-
-def test_sandbox_never_forks_this_process():
-    """No preexec_fn, so CPython vforks: a fork of a process whose OpenBLAS threads have run can
-    deadlock in OpenBLAS's fork handler (seen in the eval stage)."""
-    forks = []
-    os.register_at_fork(before=lambda: forks.append(1))
-    assert run_sandboxed("print(1)\n", 5.0).passed and forks == []
