@@ -6,8 +6,9 @@ Per model (the float reference, the mixed quant, the uniform baselines):
 * held-out split of calibrate (never the calibration tokens): per-token KL(reference || quant)
   (mean, p95, max; :func:`mixq.measure.token_kl`), perplexity, top-1 agreement with the
   reference;
-* the probes of :mod:`mixq.probes`, answered greedily through the chat template (continuous
-  batching, as ``mlx_lm.batch_generate``); the capability score is the mean of the task scores;
+* the probes of :mod:`mixq.probes`, answered greedily through the chat template, or the plain
+  chat format of :mod:`mixq.chat` (continuous batching, as ``mlx_lm.batch_generate``); the
+  capability score is the mean of the task scores;
 * on-disk size (bytes of the safetensors files).
 
 Every model runs in float32 activations. On CPU a quant's layers are dequantized to float32
@@ -33,7 +34,8 @@ from mlx_lm.sample_utils import make_sampler
 from mlx_lm.utils import load_tokenizer
 from tqdm import tqdm
 
-from mixq.calibration import inline_tools, read_calibration, supports_tools
+from mixq.calibration import read_calibration
+from mixq.chat import chat_tokens
 from mixq.config import EvalConfig
 from mixq.measure import kl_summary, reference_logits, split_chunks, token_kl
 from mixq.probes import Probe, make_probes, score
@@ -109,15 +111,9 @@ def heldout_metrics(
 
 
 def prompt_tokens(tokenizer: Any, probe: Probe) -> list[int]:
-    """A probe's chat through the chat template, ready for the answer; tool schemas go in the
-    template if it renders tools, else in the system prompt (as in calibration)."""
-    messages, tools = probe.messages, probe.tools
-    if tools and not supports_tools(tokenizer):
-        messages, tools = inline_tools(messages, tools), None
-    text = tokenizer.apply_chat_template(
-        messages, tools=tools, add_generation_prompt=True, tokenize=False
-    )
-    return list(tokenizer.encode(text, add_special_tokens=False))
+    """A probe's chat ready for the answer, rendered as calibration renders chats
+    (:func:`mixq.chat.chat_tokens`: the chat template, else the plain format)."""
+    return chat_tokens(tokenizer, probe.messages, probe.tools, add_generation_prompt=True)[0]
 
 
 def generate_answers(
