@@ -31,7 +31,7 @@ from mixq.config import CalibrationConfig, Candidate, MeasureConfig, ModelConfig
 from mixq.fisher import measure_fisher
 from mixq.layers import applicable_candidates, get_module, quantizable_layers
 from mixq.measure import (
-    build_reference, kl_summary, measure_layer_kl, split_chunks, token_kl,
+    build_reference, kl_summary, measure_layer_kl, sliced_kl, split_chunks,
 )
 from mixq.prepare import prepare_model
 from mixq.quantize import fake_quantize
@@ -44,11 +44,8 @@ def naive_layer_kl(model, layer, candidate, dtype, ref) -> np.ndarray:
     original = module.weight
     module.weight = fake_quantize(original, candidate, dtype)
     try:
-        kls = []
-        for c, chunk in enumerate(ref.chunks):
-            kl = token_kl(ref.logits(c), model(chunk))
-            mx.eval(kl)
-            kls.append(np.array(kl).reshape(-1))
+        kls = [sliced_kl(lambda rows: ref.rows(c, rows), model(chunk))
+               for c, chunk in enumerate(ref.chunks)]
     finally:
         module.weight = original
     return np.concatenate(kls)

