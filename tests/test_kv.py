@@ -211,9 +211,11 @@ def test_gemma_shaped_model_counts_sliding_windows_and_drops_what_fails(tmp_path
     assert "head_dim 256" in dropped["affine-b3-g64"]
     assert "dropped ['affine-b3-g64', 'affine-b6-g64']" in caplog.text
 
-    tokens = random_tokens(256, 1, 160)  # longer than the 64-token windows
-    rows = measure_kv(model, tokens, layers, G64, 32, tmp_path / "journal")
-    plain = plain_chunked_kl(model, tokens, 32, {5: G64[0]})
+    tokens = random_tokens(256, 1, 160)  # longer than the 64-token windows, and the chunks
+    ref = build_reference(model, prefill_chunks(tokens, 96), tmp_path, make_prompt_cache(model))
+    assert not replay_is_exact(model, ref, 5)  # the sliding mask reads cache 0
+    rows = measure_kv(model, tokens, layers, G64, 96, tmp_path / "journal")
+    plain = plain_chunked_kl(model, tokens, 96, {5: G64[0]})
     assert rows[("5", G64[0]["name"])]["mean"] == pytest.approx(float(plain.mean()), rel=1e-4)
     table = kv_table(layers, rows, G64, skipped, dtype, tokens.size, dropped)
     config = kv_config(table, kv_plan(table, KVConfig(target_bits=9.0)), Path("model"))
