@@ -115,10 +115,11 @@ class KVConfig:
     what ``QuantizedKVCache`` stores) measured on ``samples`` sequences of ``seq_len`` tokens
     run through the cache in prefill chunks of ``chunk_tokens``; ``target_bits``: stored bits
     per cached element incl. scales and biases, averaged over the per-token KV caches. The
-    default 2/4/8-bit are those mlx-lm's QuantizedKVCache holds at head_dim 64, 128 and 256."""
+    default 2/3/4/8-bit: mlx-lm's QuantizedKVCache holds 2/4/8 at head_dim 64, 128 and 256, and
+    3 at 64 and 128 (dropped with a warning at 256)."""
 
     candidates: List[Candidate] = field(
-        default_factory=lambda: [Candidate(2, 64), Candidate(4, 64), Candidate(8, 64)]
+        default_factory=lambda: [Candidate(b, 64) for b in (2, 3, 4, 8)]
     )
     target_bits: float = 4.0
     allocator: str = "optimal"

@@ -18,9 +18,11 @@ from conftest import (
 ALL_STAGES = {"prepare-model", "calibrate", "measure-kl@0", "measure-kl-merge", "allocate",
               "convert", "baselines", "kv-sensitivity", "eval-baselines", "eval", "publish"}
 SHAPES = {
-    # name: (builder, architecture, chat template, global KV caches, sliding-window caches)
-    "gemma3": (tiny_gemma3, "Gemma3ForCausalLM", False, ["2", "5"], ["0", "1", "3", "4"]),
-    "qwen3": (tiny_qwen3, "Qwen3ForCausalLM", True, ["0", "1", "2", "3"], []),
+    # name: (builder, architecture, chat template, global KV caches, sliding-window caches,
+    #        default KV candidates dropped at its head_dim)
+    "gemma3": (tiny_gemma3, "Gemma3ForCausalLM", False, ["2", "5"], ["0", "1", "3", "4"],
+               ["affine-b3-g64"]),
+    "qwen3": (tiny_qwen3, "Qwen3ForCausalLM", True, ["0", "1", "2", "3"], [], []),
 }
 
 
@@ -60,13 +62,14 @@ def test_chats_render_with_the_template_or_the_plain_format(pipeline):
     assert "documents rendered as" in (project / "outputs/calibration/preview.md").read_text()
 
 
-def test_kv_config_counts_sliding_windows_and_keeps_default_candidates(pipeline):
+def test_kv_config_counts_sliding_windows_and_drops_what_mlx_lm_cannot_hold(pipeline):
     shape, project = pipeline
-    *_, kv_layers, sliding = SHAPES[shape]
+    *_, kv_layers, sliding, dropped = SHAPES[shape]
     config = read(project, "outputs/kv/kv_config.json")
     assert sorted(config["layers"]) == kv_layers
     assert sorted(config["skipped"]) == sliding
-    assert config["dropped_candidates"] == {}  # the default 2/4/8-bit work at 128 and 256
+    assert sorted(config["dropped_candidates"]) == dropped  # 3-bit at head_dim 256 only
+    assert ("dropped ['affine-b3-g64']" in (project / "repro.log").read_text()) == bool(dropped)
     s = config["summary"]
     sliding_bytes = len(sliding) * 2 * 256 * 2  # 1 KV head x (256 + 256) x 2 bytes (bf16)
     assert s["sliding_window_bytes_per_token"] == sliding_bytes
@@ -82,3 +85,4 @@ def test_card_has_the_models_identity_and_no_local_paths(pipeline):
     assert str(project.parent) not in card and "model.id=path/to/tiny-" in card
     assert "## KV cache" in card
     assert ("Skipped caches" in card) == bool(SHAPES[shape][4])
+    assert ("Candidates dropped" in card) == bool(SHAPES[shape][5])
