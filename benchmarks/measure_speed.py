@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 
 import mixq  # noqa: F401  (OpenBLAS before mlx)
-import mlx.core as mx
 import numpy as np
 from mlx_lm.utils import load_model, load_tokenizer
 from tqdm import tqdm

@@ -15,10 +15,10 @@ sequences (calibration windows of several domains joined) are run through the ca
 prefill chunks as generation does, so later chunks attend the quantized keys and values of
 earlier ones. KL(unquantized-KV model || quantized-KV model) per token is
 :func:`mixq.measure.token_kl` (in slices: :func:`mixq.measure.sliced_kl`) against one recorded
-reference pass; blocks before the layer are replayed from it (their input does not change). Rows are journaled under
-``cache_root()/kv/<key>`` so a killed run resumes. The model computes in float32 (on CPU with
-its weights dequantized, :func:`mixq.runtime.for_this_device`); the KV caches are real
-``QuantizedKVCache`` objects.
+reference pass; blocks before the layer are replayed from it (their input does not change).
+Rows are journaled under ``cache_root()/kv/<key>`` so a killed run resumes. The model computes
+in float32 (on CPU with its weights dequantized, :func:`mixq.runtime.for_this_device`); the KV
+caches are real ``QuantizedKVCache`` objects.
 
 Bits are counted as ``QuantizedKVCache`` stores them: per token and layer, keys and values of
 ``heads x head_dim`` elements each at ``bits``, plus one scale and one bias per group in the
