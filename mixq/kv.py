@@ -200,14 +200,15 @@ def layer_kl(
     return np.concatenate(kls)
 
 
-def replay_is_exact(model: nn.Module, ref: Reference, start: int) -> bool:
+def replay_is_exact(model: nn.Module, ref: Reference, starts: list[int]) -> bool:
     """Whether replaying blocks < ``start`` (their caches left empty) reproduces the reference
-    logits: true unless the model reads an earlier layer's cache (e.g. Gemma 3 builds its
-    sliding-window mask from cache 0's offset, and then fails or computes other logits)."""
+    logits for each of ``starts`` (the first and last KV layer: the fewest and the most caches
+    left empty): true unless the model reads an earlier layer's cache (Gemma 3 builds its
+    sliding-window mask from cache 0, and then fails or computes other logits)."""
     if len(make_prompt_cache(model)) != len(model.layers):
         return False
     try:
-        return float(layer_kl(model, ref, {}, start).max()) < 1e-7
+        return all(float(layer_kl(model, ref, {}, start).max()) < 1e-7 for start in starts)
     except ValueError:  # e.g. a mask sized from an empty cache against a filled one
         return False
 
@@ -233,7 +234,7 @@ def measure_kv(
         t0 = time.time()
         chunks = prefill_chunks(sequences, chunk_tokens)
         ref = build_reference(model, chunks, work_dir, make_prompt_cache(model))
-        replay = replay_is_exact(model, ref, layers[-1].index)
+        replay = replay_is_exact(model, ref, [layers[0].index, layers[-1].index])
         if not replay:
             log.warning("block replay changes this model's logits: running every block")
         for layer, c in tqdm(todo, desc="kv-sensitivity", unit="row"):
