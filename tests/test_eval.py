@@ -289,10 +289,11 @@ def test_eval_writes_samples_summary_and_plots(tiny_run):
 def test_dvc_eval_baselines_reads_nothing_of_the_budget():
     stages = yaml.safe_load((Path(__file__).parents[1] / "dvc.yaml").read_text())["stages"]
     baselines, mixed = stages["eval-baselines"], stages["eval"]
-    assert baselines["params"] == ["eval"] and baselines["outs"] == ["outputs/eval-baselines"]
+    assert baselines["params"] == ["eval", "memory"]  # memory sizes slices only: no quant.*
+    assert baselines["outs"] == ["outputs/eval-baselines"]
     assert {"outputs/model", "outputs/calibration", "outputs/baselines"} <= set(baselines["deps"])
     assert not [d for d in baselines["deps"] if d.startswith("outputs/quant")
                 or d in ("outputs/plan", "outputs/sensitivity", "mixq/eval_report.py")]
     assert {"outputs/quant", "outputs/eval-baselines", "mixq/eval_runs.py"} <= set(mixed["deps"])
     code = {"stages/eval_baselines.py", "mixq/eval_runs.py", "mixq/evaluate.py"}
-    assert code <= set(baselines["deps"]) and mixed["params"] == ["eval"]
+    assert code <= set(baselines["deps"]) and mixed["params"] == ["eval", "memory"]
