@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 
 import mixq  # noqa: F401  (OpenBLAS before mlx)
-import mlx.core as mx
 import numpy as np
 from mlx_lm.utils import load_model, load_tokenizer
 from tqdm import tqdm
@@ -31,7 +30,7 @@ from mixq.config import CalibrationConfig, Candidate, MeasureConfig, ModelConfig
 from mixq.fisher import measure_fisher
 from mixq.layers import applicable_candidates, get_module, quantizable_layers
 from mixq.measure import (
-    build_reference, kl_summary, measure_layer_kl, split_chunks, token_kl,
+    build_reference, kl_summary, measure_layer_kl, sliced_kl, split_chunks,
 )
 from mixq.prepare import prepare_model
 from mixq.quantize import fake_quantize
@@ -44,11 +43,8 @@ def naive_layer_kl(model, layer, candidate, dtype, ref) -> np.ndarray:
     original = module.weight
     module.weight = fake_quantize(original, candidate, dtype)
     try:
-        kls = []
-        for c, chunk in enumerate(ref.chunks):
-            kl = token_kl(ref.logits(c), model(chunk))
-            mx.eval(kl)
-            kls.append(np.array(kl).reshape(-1))
+        kls = [sliced_kl(lambda rows: ref.rows(c, rows), model(chunk))
+               for c, chunk in enumerate(ref.chunks)]
     finally:
         module.weight = original
     return np.concatenate(kls)

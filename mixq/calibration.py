@@ -5,7 +5,9 @@ windows come from other documents of the same domains and are kept for evaluatio
 come from ``CalibrationConfig.source`` (:mod:`mixq.documents`): ``builtin``, ``files`` or ``hf``.
 
 A document is ``{"text": str}`` (tokenized as is) or ``{"messages": [...], "tools": [...]}`` (a
-chat in the Hugging Face format, rendered with the tokenizer's chat template). Each split's
+chat in the Hugging Face format, rendered by :mod:`mixq.chat`: the tokenizer's chat template, or
+a documented plain format where there is none or it rejects the chat; the manifest counts per
+domain how its documents were rendered). Each split's
 documents are tokenized, joined with the EOS token and cut into windows of ``seq_len`` tokens.
 """
 
@@ -21,10 +23,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from jinja2 import TemplateError
 from safetensors.numpy import load_file, save_file
 from tqdm import tqdm
 
+from mixq.chat import PLAIN_FORMAT, chat_tokens
 from mixq.config import CalibrationConfig, as_dict
 from mixq.documents import (
     CalibrationError,
@@ -58,6 +60,7 @@ class CalibrationSet:
     documents: dict[str, dict[str, int]]  # domain -> split -> source documents used
     tokenizer: dict[str, Any]  # vocab_size, eos_token_id, chat_template_sha256
     excerpts: dict[str, str]  # domain -> start of its first decoded calibration window
+    renderings: dict[str, dict[str, int]]  # domain -> rendering (mixq.chat) -> documents
 
     @property
     def seq_len(self) -> int:
@@ -98,51 +101,13 @@ def check_config(cfg: CalibrationConfig, max_context: int) -> None:
         raise CalibrationError("calibration.hf_repo: not set (source=hf needs a dataset repo id)")
 
 
-def supports_tools(tokenizer: Any) -> bool:
-    """Whether the chat template renders ``tools`` and assistant ``tool_calls`` itself."""
-    template = str(getattr(tokenizer, "chat_template", None) or "")
-    return "tools" in template and "tool_calls" in template
-
-
-def inline_tools(messages: list[dict], tools: list[dict] | None) -> list[dict]:
-    """The chat for a template without tool support: tool schemas as JSON in the system prompt,
-    each call as ``<tool_call>`` JSON in the assistant's content."""
-    inlined = []
-    for message in messages:
-        calls = [
-            f"<tool_call>\n{json.dumps(c['function'])}\n</tool_call>"
-            for c in message.get("tool_calls", [])
-        ]
-        content = "\n".join(filter(None, [message.get("content") or "", *calls]))
-        inlined.append({"role": message["role"], "content": content})
-    if tools:
-        schemas = (
-            "You can call these functions; to call one, reply with <tool_call>{...}</tool_call>:\n"
-        )
-        schemas += "\n".join(json.dumps(tool) for tool in tools)
-        if inlined[0]["role"] == "system":
-            inlined[0]["content"] += "\n\n" + schemas
-        else:
-            inlined.insert(0, {"role": "system", "content": schemas})
-    return inlined
-
-
-def tokenize(tokenizer: Any, document: dict, domain: str) -> list[int]:
-    """Token ids of a document: ``encode`` for text (with the tokenizer's own special tokens,
-    such as a BOS), the chat template's rendering for messages."""
+def tokenize(tokenizer: Any, document: dict) -> tuple[list[int], str]:
+    """``(token ids, rendering)`` of a document: ``encode`` for text (with the tokenizer's own
+    special tokens, such as a BOS; rendering ``text``), :func:`mixq.chat.chat_tokens` for
+    messages (rendering ``template``, ``template-alternating`` or ``plain``)."""
     if "text" in document:
-        return list(tokenizer.encode(document["text"]))
-    messages, tools = document["messages"], document.get("tools") or None
-    uses_tools = tools or any("tool_calls" in m for m in messages)
-    if uses_tools and not supports_tools(tokenizer):
-        messages, tools = inline_tools(messages, tools), None
-    try:
-        text = tokenizer.apply_chat_template(messages, tools=tools, tokenize=False)
-    except (ValueError, TemplateError) as err:
-        raise CalibrationError(
-            f"calibration.{domain}: cannot render a chat with the tokenizer's chat template: {err}"
-        ) from err
-    return list(tokenizer.encode(text, add_special_tokens=False))
+        return list(tokenizer.encode(document["text"])), "text"
+    return chat_tokens(tokenizer, document["messages"], document.get("tools"))
 
 
 def tokenizer_info(tokenizer: Any) -> dict[str, Any]:
@@ -157,15 +122,17 @@ def tokenizer_info(tokenizer: Any) -> dict[str, Any]:
 
 def build_domain(
     tokenizer: Any, cfg: CalibrationConfig, domain: str, progress: tqdm
-) -> tuple[dict, dict]:
-    """Windows and document counts per split for one domain. Each document goes, whole, to the
-    split that is least filled relative to its need, so the splits share no document."""
+) -> tuple[dict, dict, dict]:
+    """Windows and document counts per split for one domain, and how many documents were
+    rendered each way. Each document goes, whole, to the split that is least filled relative to
+    its need, so the splits share no document."""
     needs = {
         "calibration": cfg.samples_per_domain * cfg.seq_len,
         "heldout": cfg.heldout_per_domain * cfg.seq_len,
     }
     streams: dict[str, list[int]] = {split: [] for split in SPLITS}
     documents = dict.fromkeys(SPLITS, 0)
+    renderings: dict[str, int] = {}
     progress.set_description(domain)
     for document in document_stream(cfg, domain):
         split = min(
@@ -173,8 +140,10 @@ def build_domain(
             key=lambda s: len(streams[s]) / needs[s],
         )
         before = len(streams[split])
-        streams[split] += tokenize(tokenizer, document, domain) + [tokenizer.eos_token_id]
+        ids, rendering = tokenize(tokenizer, document)
+        streams[split] += ids + [tokenizer.eos_token_id]
         documents[split] += 1
+        renderings[rendering] = renderings.get(rendering, 0) + 1
         progress.update(min(len(streams[split]), needs[split]) - before)
         if all(len(streams[s]) >= needs[s] for s in SPLITS):
             break
@@ -188,7 +157,7 @@ def build_domain(
         s: np.asarray(streams[s][: needs[s]], dtype=np.int32).reshape(-1, cfg.seq_len)
         for s in SPLITS
     }
-    return windows, documents
+    return windows, documents, renderings
 
 
 def build_calibration(tokenizer: Any, cfg: CalibrationConfig, max_context: int) -> CalibrationSet:
@@ -204,13 +173,15 @@ def build_calibration(tokenizer: Any, cfg: CalibrationConfig, max_context: int) 
     started = time.perf_counter()
     tokens_per_domain = (cfg.samples_per_domain + cfg.heldout_per_domain) * cfg.seq_len
     windows: dict[str, list[np.ndarray]] = {split: [] for split in SPLITS}
-    documents, excerpts = {}, {}
+    documents, excerpts, renderings = {}, {}, {}
     with tqdm(
         total=tokens_per_domain * len(cfg.domains), unit="tok", desc="calibration"
     ) as progress:
         for domain in cfg.domains:
             domain_started = time.perf_counter()
-            domain_windows, documents[domain] = build_domain(tokenizer, cfg, domain, progress)
+            domain_windows, documents[domain], renderings[domain] = build_domain(
+                tokenizer, cfg, domain, progress
+            )
             for split in SPLITS:
                 windows[split].append(domain_windows[split])
             first_window = domain_windows["calibration"][0].tolist()
@@ -237,6 +208,7 @@ def build_calibration(tokenizer: Any, cfg: CalibrationConfig, max_context: int) 
         documents=documents,
         tokenizer=tokenizer_info(tokenizer),
         excerpts=excerpts,
+        renderings=renderings,
     )
     log.info(
         "built %d calibration and %d held-out windows (%d tokens) in %.1fs",
@@ -282,6 +254,8 @@ def manifest(cal: CalibrationSet, tokenizer_name: str, cfg: CalibrationConfig) -
         "splits": splits,
         "per_domain": per_domain,
         "excerpts": cal.excerpts,
+        "renderings": cal.renderings,
+        "plain_chat_format": PLAIN_FORMAT,
         "tokenizer": {"name": tokenizer_name, **cal.tokenizer},
         "config": as_dict(cfg),
     }
@@ -296,12 +270,15 @@ def preview(info: dict) -> str:
         f"source `{info['config']['source']}`, seed {info['config']['seed']}.",
         "",
         "| domain | calibration windows | calibration tokens | calibration documents "
-        "| held-out windows | held-out tokens | held-out documents |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| held-out windows | held-out tokens | held-out documents | documents rendered as |",
+        "|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     for domain, splits in info["per_domain"].items():
         cells = [f"{splits[s][k]}" for s in SPLITS for k in ("sequences", "tokens", "documents")]
-        lines.append(f"| {domain} | {' | '.join(cells)} |")
+        rendered = ", ".join(f"{how} {n}" for how, n in info["renderings"][domain].items())
+        lines.append(f"| {domain} | {' | '.join(cells)} | {rendered} |")
+    lines += ["", "Chats rendered `plain` (no chat template, or it rejects the chat): "
+              f"{info['plain_chat_format']}."]
     for domain, excerpt in info["excerpts"].items():
         lines += [
             "",
@@ -358,5 +335,6 @@ def read_calibration(directory: Path) -> CalibrationSet:
         documents=documents,
         tokenizer=tokenizer,
         excerpts=info["excerpts"],
+        renderings=info.get("renderings", {}),  # not in manifests before chat renderings
         **arrays,
     )

@@ -8,6 +8,7 @@ metrics are shown as found (every numeric key), whatever keys the eval stage wri
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
 from pathlib import Path
@@ -23,6 +24,18 @@ WEIGHTS = "*.safetensors"
 # strings Hydra reads back as themselves without quotes (and not as a bool, null or number)
 HYDRA_PLAIN = re.compile(r"[A-Za-z_][A-Za-z0-9_./-]*")
 HYDRA_KEYWORDS = {"true", "false", "null", "nan", "inf"}
+
+
+def without_local_paths(obj: Any) -> Any:
+    """``obj`` with every absolute path string (a local model directory, a calibration file)
+    shown as ``path/to/<its name>``: the card never carries the publishing machine's paths."""
+    if isinstance(obj, str) and (os.path.isabs(obj) or obj.startswith("~")):
+        return f"path/to/{Path(obj).name}"
+    if isinstance(obj, Mapping):
+        return {k: without_local_paths(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [without_local_paths(v) for v in obj]
+    return obj
 
 
 def num(x: float | int) -> str:
@@ -93,7 +106,7 @@ def source_lines(source: Mapping[str, Any], version: str) -> list[str]:
     base = source["base_model"]
     origin = f"[{base}](https://huggingface.co/{base})" if base else "a model with no Hub repo"
     details = ", ".join(
-        f"{key} `{source[key]}`"
+        f"{key} `{without_local_paths(source[key])}`"
         for key in ("kind", "id", "revision", "commit", "file", "sha256")
         if source.get(key) is not None
     )
@@ -220,9 +233,38 @@ def size_section(folder: Path) -> str:
     ])
 
 
+def kv_section(kv: Mapping[str, Any]) -> str:
+    """The KV-cache precision of ``mixq/kv_config.json`` (kv-sensitivity): what is quantized,
+    what was skipped or dropped and why."""
+    s = kv["summary"]
+    lines = [
+        "## KV cache",
+        "",
+        f"`mixq/kv_config.json` sets the KV-cache precision per layer (mlx-lm's "
+        f"`QuantizedKVCache`, used by `mixq generate`): {len(kv['layers'])} of {kv['caches']} "
+        f"caches quantized at {num(s['bits'])} stored bits per element on average (target "
+        f"{s['target_bits']}), {num(s['bytes_per_token'])} bytes per token against "
+        f"{num(s['unquantized_bytes_per_token'])} unquantized ({kv['dtype']}).",
+    ]
+    if s.get("sliding_window_bytes_per_token"):
+        lines += ["", f"The bytes per token include the sliding-window caches at {kv['dtype']} "
+                  f"({num(s['sliding_window_bytes_per_token'])} bytes per token, up to their "
+                  "window; they stop growing beyond it)."]
+    if kv["skipped"]:
+        lines += ["", "Skipped caches:", "",
+                  table(["cache", "type", "reason"],
+                        [[i, e["cache"], e["reason"]] for i, e in kv["skipped"].items()])]
+    if kv.get("dropped_candidates"):
+        lines += ["", "Candidates dropped (mlx-lm cannot hold them at this model's head dims): "
+                  + "; ".join(f"`{n}`: {why}" for n, why in kv["dropped_candidates"].items())]
+    return "\n".join(lines)
+
+
 def recipe_section(run: Mapping[str, Any]) -> str:
-    overrides = " \\\n  ".join(shlex.quote(o) for o in compose_overrides(run["params"]))
+    params = without_local_paths(run["params"])
+    overrides = " \\\n  ".join(shlex.quote(o) for o in compose_overrides(params))
     hashed = ", ".join(run["hashed_sections"])
+    local = params != run["params"]
     return "\n".join([
         "## How it was made",
         "",
@@ -236,11 +278,13 @@ def recipe_section(run: Mapping[str, Any]) -> str:
         "dvc repro publish  # prepare-model, calibrate, measure-kl, allocate, convert, "
         "baselines, eval, publish",
         "```",
+        *(["", "Local paths are shown as `path/to/<name>`: point them at your own copies."]
+          if local else []),
         "",
         "<details><summary>The params (params.yaml sections)</summary>",
         "",
         "```yaml",
-        yaml.safe_dump(run["params"], sort_keys=False).rstrip(),
+        yaml.safe_dump(params, sort_keys=False).rstrip(),
         "```",
         "",
         "</details>",
@@ -284,6 +328,8 @@ def render_card(folder: Path) -> str:
         calibration_section(read_json(sidecar / "calibration.json")),
         benchmark_section(read_json(sidecar / "eval.json")),
         size_section(Path(folder)),
+        *([kv_section(read_json(sidecar / "kv_config.json"))]
+          if (sidecar / "kv_config.json").exists() else []),
         recipe_section(run),
         usage_section(run["repo_id"]),
     ]

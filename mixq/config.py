@@ -114,10 +114,12 @@ class KVConfig:
     """KV-cache precision per attention layer (see :mod:`mixq.kv`): ``candidates`` (affine:
     what ``QuantizedKVCache`` stores) measured on ``samples`` sequences of ``seq_len`` tokens
     run through the cache in prefill chunks of ``chunk_tokens``; ``target_bits``: stored bits
-    per cached element incl. scales and biases, averaged over the per-token KV caches."""
+    per cached element incl. scales and biases, averaged over the per-token KV caches. The
+    default 2/3/4/8-bit: mlx-lm's QuantizedKVCache holds 2/4/8 at head_dim 64, 128 and 256, and
+    3 at 64 and 128 (dropped with a warning at 256)."""
 
     candidates: List[Candidate] = field(
-        default_factory=lambda: [Candidate(3, 64), Candidate(4, 64), Candidate(6, 64)]
+        default_factory=lambda: [Candidate(b, 64) for b in (2, 3, 4, 8)]
     )
     target_bits: float = 4.0
     allocator: str = "optimal"
@@ -144,8 +146,19 @@ class EvalConfig:
 
 
 @dataclass
+class MemoryConfig:
+    """Memory for logit-sized work (one float32 row per token and vocabulary entry; see
+    :mod:`mixq.memory`): ``logits_gb`` in 10^9 bytes; null: a tenth of the memory MLX may use
+    on this device. It sizes slices only: no result depends on it."""
+
+    logits_gb: Optional[float] = None
+
+
+@dataclass
 class PublishConfig:
-    repo_id: str = "mixq/SmolLM2-135M-Instruct-mixq"
+    """``repo_id``: the Hub repo; null: derived from the model (``mixq/<model name>-mixq``)."""
+
+    repo_id: Optional[str] = None
     push: bool = False
     private: bool = True
 
@@ -158,6 +171,7 @@ class Config:
     measure: MeasureConfig = field(default_factory=MeasureConfig)
     kv: KVConfig = field(default_factory=KVConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
     publish: PublishConfig = field(default_factory=PublishConfig)
 
 

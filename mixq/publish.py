@@ -17,18 +17,15 @@ import shutil
 from pathlib import Path
 from typing import Any, Mapping
 
-import mlx.core as mx
-
 import mixq
 from mixq.card import render_card
 from mixq.config import Config, as_dict
 from mixq.io import read_json, write_json
-from mixq.prepare import embedded_gguf, sha256_file
+from mixq.prepare import EMBEDDED_MODELS
 
 log = logging.getLogger("mixq")
 
-# embedded model id -> the Hub repo its weights come from (the card's base_model)
-EMBEDDED_BASE_MODELS = {"smollm2-135m-instruct": "HuggingFaceTB/SmolLM2-135M-Instruct"}
+DEFAULT_NAMESPACE = "mixq"  # of the derived repo id: mixq/<model name>-mixq
 # the params that determine the quantized weights (hashed), and those the card shows
 HASHED_SECTIONS = ("model", "calibration", "quant", "measure")
 # How the work was split, not what it computed: sharded measure-kl writes the unsharded table.
@@ -57,21 +54,23 @@ def commit_message(cfg: Config) -> str:
 def base_model(source: Mapping[str, Any]) -> str | None:
     """The Hub repo the source weights come from; None for a local directory."""
     if source["kind"] == "embedded":
-        return EMBEDDED_BASE_MODELS.get(source["id"])
+        return EMBEDDED_MODELS[source["id"]].base_model
     return source["id"] if source["kind"] == "hub" else None
 
 
 def source_license(source: Mapping[str, Any]) -> str | None:
-    """The ``general.license`` of an embedded model's GGUF, if the installed file is still the
-    one prepare-model converted; None (unknown) otherwise."""
-    if source["kind"] != "embedded":
-        return None
-    gguf = embedded_gguf(source["id"])
-    if sha256_file(gguf) != source["sha256"]:
-        log.warning("%s is not the file prepare-model converted: license unknown", gguf)
-        return None
-    _, meta = mx.load(str(gguf), return_metadata=True)
-    return meta.get("general.license")
+    """The licence the source says: an embedded GGUF's ``general.license``, recorded by
+    prepare-model; None (unknown) for anything else."""
+    return (source.get("gguf") or {}).get("license")
+
+
+def publish_repo_id(cfg: Config, source: Mapping[str, Any]) -> str:
+    """``publish.repo_id``, or derived from the model: ``mixq/<name>-mixq`` with the name of its
+    base model's repo, else of the hub repo or local directory (``mixq/gemma-3-270m-mixq``)."""
+    if cfg.publish.repo_id:
+        return cfg.publish.repo_id
+    name = (base_model(source) or source["id"]).rstrip("/").rsplit("/", 1)[-1]
+    return f"{DEFAULT_NAMESPACE}/{name}-mixq"
 
 
 def copy_files(src: Path, dst: Path) -> None:
@@ -85,27 +84,33 @@ def copy_files(src: Path, dst: Path) -> None:
 
 
 def build_folder(
-    out_dir: Path, cfg: Config, quant_dir: Path, source_file: Path, manifest: Path, metrics: Path
-) -> None:
+    out_dir: Path, cfg: Config, quant_dir: Path, source_file: Path, manifest: Path, metrics: Path,
+    kv_config: Path | None = None,
+) -> str:
     """Fill ``out_dir`` with the repo: ``quant_dir``'s files, the completed ``mixq/`` sidecar
-    and ``README.md``."""
+    (with ``kv_config`` when given) and ``README.md``; returns the repo id
+    (:func:`publish_repo_id`)."""
     copy_files(quant_dir, out_dir)
     sidecar = out_dir / "mixq"
     source = read_json(source_file)
+    repo = publish_repo_id(cfg, source)
     write_json(
         sidecar / "source.json",
         {**source, "base_model": base_model(source), "license": source_license(source)},
     )
     shutil.copyfile(manifest, sidecar / "calibration.json")
     shutil.copyfile(metrics, sidecar / "eval.json")
+    if kv_config is not None:
+        shutil.copyfile(kv_config, sidecar / "kv_config.json")
     write_json(sidecar / "params.json", {
         "mixq_version": mixq.__version__,
-        "repo_id": cfg.publish.repo_id,
+        "repo_id": repo,
         "params_hash": params_hash(cfg),
         "hashed_sections": list(HASHED_SECTIONS),
         "params": {name: as_dict(getattr(cfg, name)) for name in CARD_SECTIONS},
     })
     (out_dir / "README.md").write_text(render_card(out_dir))
+    return repo
 
 
 def push_folder(

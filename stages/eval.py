@@ -11,9 +11,12 @@ from mixq.config import load_params
 from mixq.eval_report import summary_markdown, write_outputs
 from mixq.eval_runs import BASELINE_RESULTS, baseline_dirs, run_eval
 from mixq.io import read_json
+from mixq.memory import set_budget
 
 setup_logging()
-cfg = load_params().eval
+params = load_params()
+set_budget(params.memory.logits_gb)
+cfg = params.eval
 result = run_eval(Path("outputs/model"), Path("outputs/quant"),
                   baseline_dirs(Path("outputs/baselines")),
                   read_json(Path("outputs/eval-baselines") / BASELINE_RESULTS),

@@ -9,11 +9,14 @@ from mixq.cli import setup_logging
 from mixq.config import load_params
 from mixq.eval_runs import BASELINE_RESULTS, baseline_dirs, run_eval_baselines
 from mixq.io import atomic_dir, write_json
+from mixq.memory import set_budget
 
 setup_logging()
+params = load_params()
+set_budget(params.memory.logits_gb)
 baselines = baseline_dirs(Path("outputs/baselines"))
 result = run_eval_baselines(Path("outputs/model"), baselines, Path("outputs/calibration"),
-                            load_params().eval)
+                            params.eval)
 with atomic_dir(Path("outputs/eval-baselines")) as out:
     write_json(out / BASELINE_RESULTS, result)
 seconds = sum(sum(m["seconds"].values()) for m in result["models"].values())

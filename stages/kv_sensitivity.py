@@ -7,10 +7,13 @@ from mixq.cli import setup_logging
 from mixq.config import load_params
 from mixq.io import atomic_dir, write_json
 from mixq.kv import kv_metrics, kv_sensitivity
+from mixq.memory import set_budget
 from mixq.plots import plot_kv_sensitivity
 
 setup_logging()
-kv = load_params().kv
+params = load_params()
+set_budget(params.memory.logits_gb)
+kv = params.kv
 table, config = kv_sensitivity(Path("outputs/quant"), Path("outputs/calibration"), kv)
 with atomic_dir(Path("outputs/kv")) as out:
     write_json(out / "kv_config.json", config)

@@ -7,6 +7,7 @@ from pathlib import Path
 from mixq.cli import setup_logging
 from mixq.config import load_params
 from mixq.io import atomic_dir, write_json
+from mixq.memory import set_budget
 from mixq.sensitivity import measure_sensitivity
 from mixq.shard import SHARD_FILE
 
@@ -14,6 +15,7 @@ if len(sys.argv) != 2 or not sys.argv[1].isdigit():
     raise SystemExit("usage: python stages/measure_kl.py SHARD_INDEX (dvc.yaml passes it)")
 setup_logging()
 params = load_params()
+set_budget(params.memory.logits_gb)
 shard = int(sys.argv[1])
 table = measure_sensitivity(
     Path("outputs/model"), Path("outputs/calibration"), params.quant, params.measure, shard

@@ -15,18 +15,19 @@ log = logging.getLogger("mixq")
 cfg = load_params()
 out = Path("outputs/publish")
 with atomic_dir(out) as tmp:
-    build_folder(
+    repo_id = build_folder(
         tmp, cfg,
         quant_dir=Path("outputs/quant"),
         source_file=Path("outputs/model/mixq_source.json"),
         manifest=Path("outputs/calibration/manifest.json"),
         metrics=Path("outputs/eval/metrics.json"),
+        kv_config=Path("outputs/kv/kv_config.json"),
     )
 if not cfg.publish.push:
     log.info("built %s; publish.push is false, so nothing was uploaded", out)
 else:
     try:
-        push_folder(out, cfg.publish.repo_id, cfg.publish.private, commit_message(cfg),
+        push_folder(out, repo_id, cfg.publish.private, commit_message(cfg),
                     os.environ.get("HF_TOKEN"))
     except PublishError as err:
         raise SystemExit(f"publish: {err}")

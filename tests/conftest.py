@@ -149,13 +149,65 @@ def compose(project: Path, tiny_llama_dir: Path, *overrides: str) -> None:
          "calibration.seq_len=64", "calibration.samples_per_domain=1", *overrides], project)
 
 
-def save_tiny_llama(model, out: Path) -> Path:
-    """Save a :func:`tiny_llama` as an MLX model dir (weights and config.json, no tokenizer)."""
+def save_tiny_llama(model, out: Path, architecture: str = "LlamaForCausalLM") -> Path:
+    """Save a tiny mlx-lm model as an MLX model dir (weights and config.json, no tokenizer)."""
     import json
 
     from mlx_lm.utils import save_model
 
     save_model(out, model)
-    config = {**model.args.__dict__, "architectures": ["LlamaForCausalLM"]}
+    config = {**model.args.__dict__, "architectures": [architecture]}
     (out / "config.json").write_text(json.dumps(config))
     return out
+
+
+def tiny_gemma3(vocab_size: int = 49152, seed: int = 0):
+    """A random-weight Gemma-3-shaped model (mlx-lm's gemma3_text): 6 blocks, every 3rd global,
+    the others sliding-window (64 tokens: RotatingKVCache), head_dim 256, tied embeddings."""
+    import mlx.core as mx
+    from mlx_lm.models import gemma3_text
+
+    mx.random.seed(seed)
+    args = gemma3_text.ModelArgs(
+        model_type="gemma3_text", hidden_size=64, num_hidden_layers=6, intermediate_size=128,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=256, vocab_size=vocab_size,
+        sliding_window=64, sliding_window_pattern=3, query_pre_attn_scalar=256,
+        max_position_embeddings=2048,
+    )
+    model = gemma3_text.Model(args)
+    model.tie_word_embeddings = True  # as Gemma 3 (mlx-lm ties when lm_head is not saved)
+    model.pop("lm_head")
+    mx.eval(model.parameters())
+    return model
+
+
+def tiny_qwen3(vocab_size: int = 49152, seed: int = 0):
+    """A random-weight Qwen3-shaped model (mlx-lm's qwen3): 4 blocks, q/k norms, head_dim 128
+    (as Qwen3 and Llama 3), tied embeddings."""
+    import mlx.core as mx
+    from mlx_lm.models import qwen3
+
+    mx.random.seed(seed)
+    args = qwen3.ModelArgs(
+        model_type="qwen3", hidden_size=64, num_hidden_layers=4, intermediate_size=128,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=128, rms_norm_eps=1e-6,
+        vocab_size=vocab_size, max_position_embeddings=2048, rope_theta=1e6,
+        tie_word_embeddings=True,
+    )
+    model = qwen3.Model(args)
+    mx.eval(model.parameters())
+    return model
+
+
+def with_tokenizer(model_dir: Path, tokenizer_dir: Path, chat_template: bool = True) -> Path:
+    """Copy ``tokenizer_dir``'s tokenizer files into ``model_dir``; ``chat_template=False``
+    drops the template (a base model's tokenizer)."""
+    import json
+
+    for name in ("tokenizer.json", "generation_config.json"):
+        shutil.copy(tokenizer_dir / name, model_dir / name)
+    config = json.loads((tokenizer_dir / "tokenizer_config.json").read_text())
+    if not chat_template:
+        config.pop("chat_template", None)
+    (model_dir / "tokenizer_config.json").write_text(json.dumps(config))
+    return model_dir

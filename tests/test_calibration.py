@@ -319,16 +319,6 @@ def test_invalid_settings_or_data_fail_clearly_without_output(tokenizer, tmp_pat
     assert not out.exists() and not (tmp_path / "calibration.tmp").exists()
 
 
-def test_chat_documents_need_a_chat_template(tmp_path):
-    with pytest.raises(CalibrationError, match=r"calibration\.agent: cannot render a chat"):
-        calibrate(
-            small_tokenizer(chat_template=None),
-            CalibrationConfig(domains=["agent"]),
-            tmp_path / "out",
-        )
-    assert not (tmp_path / "out").exists()
-
-
 def test_skips_unusable_records_with_a_warning(tmp_path, caplog):
     records = [
         {"text": "kept"},

@@ -86,7 +86,8 @@ def test_heldout_metrics_of_quants_are_sane(smollm2_dir, smollm2_quants, heldout
     n_tokens = sum(c.size for c in heldout)
     reference = record_logits(forward_logits(reference_model, heldout), n_tokens,
                               tmp_path / "ref.npy")
-    itself = heldout_metrics(stored_logits(reference, heldout), heldout, reference)
+    itself = heldout_metrics((mx.array(r) for r in stored_logits(reference, heldout)), heldout,
+                             reference)
     assert itself["kl_mean"] == itself["kl_max"] == 0.0 and itself["top1"] == 1.0
     assert 1.0 < itself["ppl"] < 50.0
     rerun = heldout_metrics(forward_logits(reference_model, heldout), heldout, reference)
@@ -288,10 +289,11 @@ def test_eval_writes_samples_summary_and_plots(tiny_run):
 def test_dvc_eval_baselines_reads_nothing_of_the_budget():
     stages = yaml.safe_load((Path(__file__).parents[1] / "dvc.yaml").read_text())["stages"]
     baselines, mixed = stages["eval-baselines"], stages["eval"]
-    assert baselines["params"] == ["eval"] and baselines["outs"] == ["outputs/eval-baselines"]
+    assert baselines["params"] == ["eval", "memory"]  # memory sizes slices only: no quant.*
+    assert baselines["outs"] == ["outputs/eval-baselines"]
     assert {"outputs/model", "outputs/calibration", "outputs/baselines"} <= set(baselines["deps"])
     assert not [d for d in baselines["deps"] if d.startswith("outputs/quant")
                 or d in ("outputs/plan", "outputs/sensitivity", "mixq/eval_report.py")]
     assert {"outputs/quant", "outputs/eval-baselines", "mixq/eval_runs.py"} <= set(mixed["deps"])
     code = {"stages/eval_baselines.py", "mixq/eval_runs.py", "mixq/evaluate.py"}
-    assert code <= set(baselines["deps"]) and mixed["params"] == ["eval"]
+    assert code <= set(baselines["deps"]) and mixed["params"] == ["eval", "memory"]

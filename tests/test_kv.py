@@ -14,15 +14,15 @@ import mlx.core as mx
 import mlx_lm
 import numpy as np
 import pytest
-from conftest import tiny_qwen35_hybrid
+from conftest import tiny_gemma3, tiny_qwen35_hybrid
 from mlx_lm.models.cache import ArraysCache, QuantizedKVCache, make_prompt_cache
 
 from mixq.budget import candidate_dict, layer_bits
 from mixq.config import Candidate, KVConfig
 from mixq.io import read_json, write_json
 from mixq.kv import (
-    KVLayer, kv_config, kv_layers, kv_plan, kv_sequences, kv_table, measure_kv, prefill_chunks,
-    replay_is_exact,
+    KVLayer, kv_cache_error, kv_config, kv_layers, kv_plan, kv_sequences, kv_table, measure_kv,
+    prefill_chunks, replay_is_exact, skip_reason, usable_candidates,
 )
 from mixq.measure import build_reference, reference_logits, token_kl
 from mixq.runtime import cache_for, find_kv_config, make_kv_cache
@@ -64,7 +64,7 @@ def test_hybrid_skips_linear_attention_and_config_round_trips(hybrid, tmp_path):
 
     tokens = random_tokens(256, 2, 48)
     ref = build_reference(model, prefill_chunks(tokens, 16), tmp_path, make_prompt_cache(model))
-    assert replay_is_exact(model, ref, 3)  # so blocks before the measured one are replayed
+    assert replay_is_exact(model, ref, [1, 3])  # so blocks before the measured one are replayed
     rows = measure_kv(model, tokens, layers, G32, 16, tmp_path / "journal")
     for layer in layers:  # replayed blocks (incl. linear-attention ones) change nothing
         for c in G32:
@@ -72,7 +72,7 @@ def test_hybrid_skips_linear_attention_and_config_round_trips(hybrid, tmp_path):
             assert rows[(str(layer.index), c["name"])]["mean"] == pytest.approx(
                 float(plain.mean()), rel=1e-4, abs=1e-9)
 
-    table = kv_table(layers, rows, G32, skipped, dtype, tokens.size)
+    table = kv_table(layers, rows, G32, skipped, dtype, tokens.size, {})
     kv = KVConfig(candidates=[Candidate(b, 32) for b in (2, 4, 8)], target_bits=5.0)
     config = kv_config(table, kv_plan(table, kv), Path("model"))
     assert config["skipped"] == skipped and set(config["layers"]) == {"1", "3"}
@@ -148,7 +148,7 @@ def test_config_loads_in_runtime_and_generates(smollm2_dir, smollm2_kv, tmp_path
     full = {(str(layer.index), c["name"]): rows.get((str(layer.index), c["name"]),
                                                      rows[("15", c["name"])])
             for layer in layers for c in G64}  # unmeasured layers: reuse layer 15's rows
-    table = kv_table(layers, full, G64, skipped, dtype, tokens.size)
+    table = kv_table(layers, full, G64, skipped, dtype, tokens.size, {})
     kv = KVConfig(candidates=[Candidate(b, 64) for b in (2, 4, 8)], target_bits=6.0)
     config = kv_config(table, kv_plan(table, kv), smollm2_dir)
     assert {e["bits"] for e in config["layers"].values()} <= {2, 4, 8}
@@ -181,3 +181,46 @@ def test_kv_config_found_beside_the_model_or_in_outputs_kv(tmp_path, monkeypatch
     assert find_kv_config(other) is None  # measured for another model
     write_json(model_dir / "kv_config.json", {"model": "quant"})
     assert find_kv_config(model_dir) == model_dir / "kv_config.json"
+
+
+def test_quantized_kv_cache_fails_where_mlx_lm_packs_too_few_words():
+    """mlx-lm 0.32.2's QuantizedKVCache, tried at every bit width and the common head dims:
+    the failures are exactly where head_dim // (32 // bits) != head_dim * bits / 32, and the
+    default candidates work at all of them."""
+    failing = {(d, b) for d in (64, 128, 256) for b in (2, 3, 4, 5, 6, 8)
+               if kv_cache_error(candidate_dict(Candidate(b, 64)), d)}
+    assert failing == {(128, 5), (128, 6), (256, 3), (256, 5), (256, 6)}
+    assert failing == {(d, b) for d in (64, 128, 256) for b in (2, 3, 4, 5, 6, 8)
+                       if d // (32 // b) != d * b // 32}
+    defaults = {(d, c.bits) for d in (64, 128, 256) for c in KVConfig().candidates}
+    assert defaults & failing == {(256, 3)}  # dropped there; 2/4/8 remain: 2.5 to 8.5 bits
+
+
+def test_gemma_shaped_model_counts_sliding_windows_and_drops_what_fails(tmp_path, caplog):
+    model = tiny_gemma3(vocab_size=256)
+    layers, skipped, dtype = kv_layers(model)
+    assert [layer.index for layer in layers] == [2, 5] and layers[0].key_dim == 256
+    assert sorted(skipped) == ["0", "1", "3", "4"]
+    assert skipped["0"] == {"cache": "RotatingKVCache", "heads": 1, "head_dims": [256, 256],
+                            "window": 64, "reason": skip_reason(make_prompt_cache(model)[0])}
+    with caplog.at_level("WARNING", logger="mixq"):
+        kept, dropped = usable_candidates(
+            [candidate_dict(Candidate(b, 64)) for b in (3, 4, 6)], layers)
+    assert [c["bits"] for c in kept] == [4] and sorted(dropped) == ["affine-b3-g64",
+                                                                    "affine-b6-g64"]
+    assert "head_dim 256" in dropped["affine-b3-g64"]
+    assert "dropped ['affine-b3-g64', 'affine-b6-g64']" in caplog.text
+
+    tokens = random_tokens(256, 1, 160)  # longer than the 64-token windows, and the chunks
+    ref = build_reference(model, prefill_chunks(tokens, 96), tmp_path, make_prompt_cache(model))
+    assert replay_is_exact(model, ref, [5])  # only global layers after it: still exact
+    assert not replay_is_exact(model, ref, [2, 5])  # sliding layers after 2 read cache 0
+    rows = measure_kv(model, tokens, layers, G64, 96, tmp_path / "journal")
+    plain = plain_chunked_kl(model, tokens, 96, {5: G64[0]})
+    assert rows[("5", G64[0]["name"])]["mean"] == pytest.approx(float(plain.mean()), rel=1e-4)
+    table = kv_table(layers, rows, G64, skipped, dtype, tokens.size, dropped)
+    config = kv_config(table, kv_plan(table, KVConfig(target_bits=9.0)), Path("model"))
+    sliding = 4 * 2 * 256 * 4  # 4 caches, keys + values of 256, float32
+    assert config["summary"]["sliding_window_bytes_per_token"] == sliding
+    assert config["summary"]["unquantized_bytes_per_token"] == 2 * 2 * 256 * 4 + sliding
+    assert config["dropped_candidates"] == dropped

@@ -29,6 +29,7 @@ def test_embedded_records_its_source(smollm2_dir: Path):
     assert source["kind"] == "embedded" and source["id"] == "smollm2-135m-instruct"
     assert source["file"] == "SmolLM2-135M-Instruct.Q4_1.gguf"
     assert len(source["sha256"]) == 64 and source["dtype"] == "float32"
+    assert source["gguf"]["license"] == "apache-2.0"  # the GGUF's general.*, for the card
     assert not smollm2_dir.with_name(smollm2_dir.name + ".tmp").exists()
 
 
@@ -106,7 +107,8 @@ def test_hub_offline_fails_with_one_clear_error(tmp_path: Path):
 
 
 def test_unknown_embedded_id_lists_known_ids(tmp_path: Path):
-    with pytest.raises(ValueError, match="known ids are \\['smollm2-135m-instruct'\\]"):
+    with pytest.raises(ValueError,
+                       match="known ids are \\['gemma3-270m', 'smollm2-135m-instruct'\\]"):
         prepare_model(ModelConfig(kind="embedded", id="tinyllama"), tmp_path / "model")
 
 

@@ -28,13 +28,15 @@ from test_calibration import calibrate, small_tokenizer
 
 import mixq
 from mixq.allocate import allocate
+from mixq.budget import candidate_dict
 from mixq.card import compose_overrides, recipe_section, render_card
 from mixq.cli import compose_params
 from mixq.config import (
-    CalibrationConfig, Candidate, Config, ModelConfig, ProtectRule, PublishConfig, QuantConfig,
-    as_dict, load_params,
+    CalibrationConfig, Candidate, Config, KVConfig, ModelConfig, ProtectRule, PublishConfig,
+    QuantConfig, as_dict, load_params,
 )
 from mixq.io import read_json, write_json
+from mixq.kv import KVLayer, kv_config, kv_plan, kv_table
 from mixq.prepare import embedded_gguf, sha256_file
 from mixq.publish import CARD_SECTIONS, build_folder, params_hash
 
@@ -92,9 +94,18 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     write_json(root / "outputs/model/mixq_source.json", {
         "kind": "embedded", "id": "smollm2-135m-instruct", "revision": None,
         "dtype": "float32", "file": gguf.name, "sha256": sha256_file(gguf),
+        "gguf": {"name": "Smollm2 135M 8k Lc100K Mix1 Ep2", "license": "apache-2.0"},
     })
     calibrate(small_tokenizer(), CalibrationConfig(), root / "outputs/calibration")
     write_json(root / "outputs/eval/metrics.json", EVAL_METRICS)
+    layers = [KVLayer(i, heads=3, key_dim=64, value_dim=64) for i in range(30)]
+    kv_candidates = [candidate_dict(Candidate(b, 64)) for b in (2, 4, 8)]
+    rows = {(str(layer.index), c["name"]): {"mean": 0.1 / c["bits"] ** 2 * (1 + layer.index),
+                                            "p95": None, "max": None}
+            for layer in layers for c in kv_candidates}  # stand-in KLs, real formats
+    kv = kv_table(layers, rows, kv_candidates, {}, "bfloat16", 512, {})
+    write_json(root / "outputs/kv/kv_config.json",
+               kv_config(kv, kv_plan(kv, KVConfig()), Path("outputs/quant")))
     return root
 
 
@@ -102,7 +113,7 @@ def build(inputs: Path, out: Path, cfg: Config, source: Path | None = None) -> P
     build_folder(out, cfg, inputs / "outputs/quant",
                  source or inputs / "outputs/model/mixq_source.json",
                  inputs / "outputs/calibration/manifest.json",
-                 inputs / "outputs/eval/metrics.json")
+                 inputs / "outputs/eval/metrics.json", inputs / "outputs/kv/kv_config.json")
     return out
 
 
@@ -137,7 +148,7 @@ def test_card_metadata_and_sections(folder: Path):
     assert meta["license"] == "apache-2.0"  # from the embedded GGUF's metadata
     assert {"mlx", "mixq", "mixed-precision", "quantized", "4-bit", "8-bit"} <= set(meta["tags"])
     for heading in ("## Quantization", "## Calibration mix", "## Benchmarks",
-                    "## Size on disk", "## How it was made", "## Use with mlx-lm"):
+                    "## Size on disk", "## KV cache", "## How it was made", "## Use with mlx-lm"):
         assert heading in card
     run = read_json(folder / "mixq/params.json")
     assert run["params_hash"] == params_hash(config()) and run["params_hash"] in card
@@ -206,6 +217,35 @@ def test_unknown_source_has_no_license_and_no_invented_base(inputs: Path, tmp_pa
     meta = front_matter(card)
     assert "license" not in meta and "base_model" not in meta
     assert "License: **unknown**" in card
+
+
+@pytest.mark.parametrize("source,repo,base,license", [
+    ({"kind": "embedded", "id": "smollm2-135m-instruct", "gguf": {"license": "apache-2.0"}},
+     "mixq/SmolLM2-135M-Instruct-mixq", "HuggingFaceTB/SmolLM2-135M-Instruct", "apache-2.0"),
+    ({"kind": "embedded", "id": "gemma3-270m", "gguf": {"license": "gemma"}},
+     "mixq/gemma-3-270m-mixq", "google/gemma-3-270m", "gemma"),
+    ({"kind": "path", "id": "/models/tiny-gemma3", "path": "/models/tiny-gemma3"},
+     "mixq/tiny-gemma3-mixq", None, None),
+], ids=["smollm2", "gemma3", "local-dir"])
+def test_identity_comes_from_the_model_and_the_card_has_no_local_paths(
+    inputs: Path, tmp_path: Path, source: dict, repo: str, base: str | None, license: str | None
+):
+    record = tmp_path / "source.json"
+    write_json(record, {"revision": None, "dtype": "float32", **source})
+    cfg = Config(model=ModelConfig(kind=source["kind"], id=source["id"]))
+    assert cfg.publish.repo_id is None
+    out = tmp_path / "repo"
+    assert build_folder(out, cfg, inputs / "outputs/quant", record,
+                        inputs / "outputs/calibration/manifest.json",
+                        inputs / "outputs/eval/metrics.json") == repo
+    card = (out / "README.md").read_text()
+    meta = front_matter(card)
+    assert (meta.get("base_model"), meta.get("license")) == (base, license)
+    assert f"\n# {repo.split('/')[1]}\n" in card and f'load("{repo}")' in card
+    assert "/models" not in card
+    if source["kind"] == "path":
+        assert "id `path/to/tiny-gemma3`" in card and "model.id=path/to/tiny-gemma3" in card
+        assert "Local paths are shown as `path/to/<name>`" in card
 
 
 def compose_command(card: str) -> list[str]:
