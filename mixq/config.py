@@ -34,13 +34,18 @@ class ModelConfig:
 
 @dataclass
 class CalibrationConfig:
-    """The calibration mix: ``samples_per_domain`` sequences of ``seq_len`` tokens per domain,
-    plus ``heldout_per_domain`` held-out sequences built from disjoint source documents."""
+    """The calibration mix: ``samples_per_domain`` sequences of ``seq_len`` tokens per domain
+    (measure-kl), ``refine_per_domain`` more for the refine stage's training and
+    ``heldout_per_domain`` held-out ones, all from disjoint documents; plus
+    ``heldout_other_per_source`` held-out sequences from each of two other sources (package
+    docs, library code; :mod:`mixq.calibration`)."""
 
     source: str = "builtin"
     domains: List[str] = field(default_factory=lambda: list(DOMAINS))
     samples_per_domain: int = 2
+    refine_per_domain: int = 26
     heldout_per_domain: int = 1
+    heldout_other_per_source: int = 4
     seq_len: int = 256
     seed: int = 0
     # source=files: domain -> path of a .jsonl ({"text": ...} or {"messages": [...]}) or .txt file
