@@ -6,7 +6,7 @@ Per model (the float reference, the mixed quant, the uniform baselines):
 * calibrate's two held-out splits (never calibration tokens): text from other sources than the
   calibration mix (package docs and library code: the primary ``kl_mean``, ``ppl``, ...) and
   held-out documents of the calibration domains (in-distribution: ``id_kl_mean``, ...);
-  per-token KL(reference || quant) (mean, p95, max; :func:`mixq.measure.token_kl`),
+  per-token KL(reference || quant) (mean, p95, max; :func:`mixq.kl.token_kl`),
   perplexity, top-1 agreement with the reference;
 * the probes of :mod:`mixq.probes`, answered greedily through the chat template, or the plain
   chat format of :mod:`mixq.chat` (continuous batching, as ``mlx_lm.batch_generate``); the
@@ -37,10 +37,10 @@ from mlx_lm.sample_utils import make_sampler
 from mlx_lm.utils import load_tokenizer
 from tqdm import tqdm
 
-from mixq.calibration import read_calibration
+from mixq.artifacts import read_calibration
 from mixq.chat import chat_tokens
 from mixq.config import EvalConfig
-from mixq.measure import kl_summary, reference_logits, split_chunks, token_kl
+from mixq.kl import kl_summary, reference_logits, split_chunks, token_kl
 from mixq.memory import FORWARD_COPIES, logit_rows, vocab_size
 from mixq.probes import Probe, make_probes, score
 from mixq.runtime import for_this_device

@@ -14,7 +14,7 @@ For each such layer and candidate only that layer's cache is a ``QuantizedKVCach
 sequences (calibration windows of several domains joined) are run through the caches in
 prefill chunks as generation does, so later chunks attend the quantized keys and values of
 earlier ones. KL(unquantized-KV model || quantized-KV model) per token is
-:func:`mixq.measure.token_kl` (in slices: :func:`mixq.measure.sliced_kl`) against one recorded
+:func:`mixq.kl.token_kl` (in slices: :func:`mixq.kl.sliced_kl`) against one recorded
 reference pass; blocks before the layer are replayed from it (their input does not change).
 Rows are journaled under ``cache_root()/kv/<key>`` so a killed run resumes. The model computes
 in float32 (on CPU with its weights dequantized, :func:`mixq.runtime.for_this_device`); the KV
@@ -46,14 +46,14 @@ from tqdm import tqdm
 
 from mixq.allocate import InfeasibleTargetError, allocate, uniform_plan
 from mixq.budget import DTYPE_BITS, candidate_dict
-from mixq.calibration import read_calibration
+from mixq.artifacts import read_calibration
 from mixq.config import Candidate, KVConfig, MeasureConfig, QuantConfig
+from mixq.kl import kl_summary, sliced_kl
 from mixq.measure import (
-    Reference, append_journal, build_reference, kl_summary, logits_with_replay,
-    measurement_key, read_journal, sliced_kl,
+    Reference, append_journal, build_reference, cache_root, logits_with_replay,
+    measurement_key, read_journal,
 )
 from mixq.runtime import for_this_device, make_kv_cache
-from mixq.sensitivity import cache_root
 
 log = logging.getLogger("mixq")
 

@@ -48,7 +48,7 @@ from mixq.evaluate import (
     stored_logits,
 )
 from mixq.io import read_json, write_json
-from mixq.measure import split_chunks
+from mixq.kl import split_chunks
 from mixq.probes import make_probes
 
 FOUR, EIGHT = (candidate_dict({"bits": b, "group_size": 64, "mode": "affine"}) for b in (4, 8))
