@@ -50,7 +50,7 @@ from mixq.artifacts import read_calibration
 from mixq.config import Candidate, KVConfig, MeasureConfig, QuantConfig
 from mixq.kl import kl_summary, sliced_kl
 from mixq.measure import (
-    Reference, append_journal, build_reference, cache_root, logits_with_replay,
+    Reference, append_journal, build_reference, cache_root, journal_lock, logits_with_replay,
     measurement_key, read_journal,
 )
 from mixq.runtime import for_this_device, make_kv_cache
@@ -225,26 +225,28 @@ def measure_kv(
     ``work_dir/rows.jsonl``. Returns {(index, candidate): {"mean", "p95", "max"}}."""
     work_dir.mkdir(parents=True, exist_ok=True)
     journal = work_dir / "rows.jsonl"
-    done = read_journal(journal)
-    todo = [(layer, c) for layer in layers for c in candidates
-            if layer.fits(c) and (str(layer.index), c["name"]) not in done]
-    if done:
-        log.info("resuming: %d rows in journal %s, %d to go", len(done), journal, len(todo))
-    if todo:
-        t0 = time.time()
-        chunks = prefill_chunks(sequences, chunk_tokens)
-        ref = build_reference(model, chunks, work_dir, make_prompt_cache(model))
-        replay = replay_is_exact(model, ref, [layers[0].index, layers[-1].index])
-        if not replay:
-            log.warning("block replay changes this model's logits: running every block")
-        for layer, c in tqdm(todo, desc="kv-sensitivity", unit="row"):
-            kl = kl_summary(layer_kl(model, ref, {layer.index: c}, layer.index if replay else 0))
-            append_journal(journal, str(layer.index), c["name"], kl)
-            done[(str(layer.index), c["name"])] = kl
-        log.info("measured %d rows in %.1fs", len(todo), time.time() - t0)
-        for name in ("ref_p.npy", "ref_z.npy"):
-            (work_dir / name).unlink(missing_ok=True)
-    return done
+    with journal_lock(journal):  # a second run waits rather than measure the same rows
+        done = read_journal(journal)
+        todo = [(layer, c) for layer in layers for c in candidates
+                if layer.fits(c) and (str(layer.index), c["name"]) not in done]
+        if done:
+            log.info("resuming: %d rows in journal %s, %d to go", len(done), journal, len(todo))
+        if todo:
+            t0 = time.time()
+            chunks = prefill_chunks(sequences, chunk_tokens)
+            ref = build_reference(model, chunks, work_dir, make_prompt_cache(model))
+            replay = replay_is_exact(model, ref, [layers[0].index, layers[-1].index])
+            if not replay:
+                log.warning("block replay changes this model's logits: running every block")
+            for layer, c in tqdm(todo, desc="kv-sensitivity", unit="row"):
+                start = layer.index if replay else 0
+                kl = kl_summary(layer_kl(model, ref, {layer.index: c}, start))
+                append_journal(journal, str(layer.index), c["name"], kl)
+                done[(str(layer.index), c["name"])] = kl
+            log.info("measured %d rows in %.1fs", len(todo), time.time() - t0)
+            for name in ("ref_p.npy", "ref_z.npy"):
+                (work_dir / name).unlink(missing_ok=True)
+        return done
 
 
 def kv_table(

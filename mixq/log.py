@@ -59,9 +59,16 @@ def exit_with_parent() -> None:
     threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
+def terminate_cleanly(signum: int, frame: object) -> None:
+    """SIGTERM raises SystemExit, so ``finally`` blocks and :func:`mixq.io.atomic_dir` remove
+    what a stopped stage had half written."""
+    raise SystemExit(128 + signum)
+
+
 def setup_stage() -> None:
     """What every stage script calls first: logging, one-line errors named after the script,
-    exit when the parent dies."""
+    a clean exit on SIGTERM and when the parent dies."""
     setup_logging()
     one_line_errors(Path(sys.argv[0]).stem.replace("_", "-"))
+    signal.signal(signal.SIGTERM, terminate_cleanly)
     exit_with_parent()

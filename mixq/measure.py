@@ -16,14 +16,17 @@ everything that determines them; a killed run resumes where it stopped.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
 import os
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -223,6 +226,26 @@ def read_journal(path: Path) -> dict[tuple[str, str], dict]:
     return rows
 
 
+@contextmanager
+def journal_lock(journal: Path) -> Iterator[None]:
+    """Hold ``<journal>.lock`` (an exclusive ``flock``) while a run appends to ``journal``: a
+    second run of the same measurement waits, saying which PID holds it, instead of measuring
+    the same rows into the same file. The kernel drops the lock when its holder dies."""
+    with open(journal.with_name(journal.name + ".lock"), "a+") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            log.warning("%s is in use by PID %s (another run of this measurement): waiting for "
+                        "it", journal, fh.read().strip() or "?")
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        fh.seek(0)
+        fh.truncate()
+        fh.write(str(os.getpid()))
+        fh.flush()
+        yield
+
+
 def append_journal(path: Path, layer_path: str, name: str, kl: dict) -> None:
     with open(path, "a") as fh:
         fh.write(json.dumps({"path": layer_path, "candidate": name, "kl": kl}) + "\n")
@@ -250,6 +273,18 @@ def measure_exact(
     """
     work_dir.mkdir(parents=True, exist_ok=True)
     journal = work_dir / f"{name}.jsonl"
+    with journal_lock(journal):
+        return measure_rows(model, tokens, candidates, dtype, cfg, work_dir, journal, layers,
+                            floats, weights)
+
+
+def measure_rows(
+    model: nn.Module, tokens: np.ndarray, candidates: list[Candidate], dtype: str,
+    cfg: MeasureConfig, work_dir: Path, journal: Path, layers: list[Layer] | None,
+    floats: dict[str, nn.Module] | None, weights: FloatWeights | None,
+) -> dict[tuple[str, str], dict]:
+    """:func:`measure_exact`'s work, with the journal locked; appends to ``journal``."""
+    name = journal.stem
     layers = quantizable_layers(model) if layers is None else layers
     wanted = [(layer, c) for layer in layers for c in applicable_candidates(layer, candidates)]
     keys = {(layer.path, candidate_name(c)) for layer, c in wanted}
