@@ -8,6 +8,7 @@ in ``mixq compose`` and in ``dvc exp run -S``. Stages never compose ``conf/``: t
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -25,6 +26,33 @@ ALLOCATORS = ("greedy", "optimal")
 MEASURE_METHODS = ("exact", "fisher")
 REFERENCES = ("auto", "float", "q8", "q4")
 EVAL_TASKS = ("arithmetic", "format", "tool_call", "hashhop", "code")
+
+
+# A file every checkout has, for the path deps of dvc.yaml that a setting leaves with nothing
+# to track (an embedded or hub model; builtin or Hub calibration data).
+UNTRACKED = "conf/untracked.txt"
+
+
+def model_dep(kind: str, model_id: str) -> str:
+    """The local model directory for ``model.kind=path`` (dvc.yaml makes prepare-model depend
+    on its content), else :data:`UNTRACKED`."""
+    return str(model_id) if kind == "path" else UNTRACKED
+
+
+def files_dep(source: str, files: Any) -> str:
+    """The folder holding every ``calibration.files`` file for ``source=files`` (calibrate
+    depends on its content), else :data:`UNTRACKED`."""
+    if source != "files" or not files:
+        return UNTRACKED
+    return os.path.commonpath([os.path.dirname(os.path.normpath(str(f))) or "."
+                               for f in dict(files).values()]) or "."
+
+
+def check_derived(key: str, value: Any, derived: Any) -> None:
+    """A key compose derives from others must hold what they give (it is not set by hand)."""
+    if value != derived:
+        raise ValidationError(f"{key}={value!r} does not match the settings it is derived from "
+                              f"({derived!r}): don't set it, compose again (`mixq compose`)")
 
 
 def check_choice(key: str, value: Any, allowed: Any) -> None:
@@ -56,10 +84,13 @@ class ModelConfig:
     id: str = MISSING
     revision: Optional[str] = None
     dtype: str = "float32"
+    # derived at compose time (conf/config.yaml): what prepare-model depends on in dvc.yaml
+    dep: str = UNTRACKED
 
     def __post_init__(self) -> None:
         check_choice("model.kind", self.kind, MODEL_KINDS)
         check_choice("model.dtype", self.dtype, DTYPE_BITS)
+        check_derived("model.dep", self.dep, model_dep(self.kind, self.id))
 
 
 @dataclass
@@ -84,8 +115,12 @@ class CalibrationConfig:
     hf_repo: Optional[str] = None
     hf_revision: Optional[str] = None
     hf_files: Dict[str, str] = field(default_factory=dict)
+    # derived at compose time (conf/config.yaml): what calibrate depends on in dvc.yaml
+    files_dep: str = UNTRACKED
 
     def __post_init__(self) -> None:
+        check_derived("calibration.files_dep", self.files_dep,
+                      files_dep(self.source, self.files))
         check_choice("calibration.source", self.source, CALIBRATION_SOURCES)
         for domain in self.domains:
             check_choice("calibration.domains[]", domain, DOMAINS)
@@ -239,6 +274,8 @@ def register_schema() -> None:
 
     ConfigStore.instance().store(name="mixq_schema", node=Config)
     OmegaConf.register_new_resolver("shard_ids", shard_ids, replace=True)
+    OmegaConf.register_new_resolver("model_dep", model_dep, replace=True)
+    OmegaConf.register_new_resolver("files_dep", files_dep, replace=True)
 
 
 def load_params(path: str | Path = "params.yaml") -> Config:
