@@ -154,9 +154,14 @@ class QuantConfig:
     allocator: str = "optimal"
     protect: List[ProtectRule] = field(default_factory=list)
     dtype: str = "bfloat16"
+    # uniform quants to compare with (the baselines stage; affine 4-bit is always among them)
+    baselines: List[Candidate] = field(
+        default_factory=lambda: [Candidate(b, 64) for b in (3, 4, 5, 6, 8)]
+    )
 
     def __post_init__(self) -> None:
         check_candidates("quant.candidates", self.candidates)
+        check_candidates("quant.baselines", self.baselines)
         if self.protect:
             check_candidates("quant.protect", self.protect)
         check_choice("quant.allocator", self.allocator, ALLOCATORS)
@@ -220,7 +225,8 @@ class KVConfig:
 class EvalConfig:
     """Probes (see :mod:`mixq.probes`): ``samples_per_task`` per task, greedy answers of at most
     ``max_tokens`` tokens; hashhop contexts of about ``hashhop_tokens`` tokens with answers
-    ``hashhop_hops`` assignments away; code tests killed after ``code_timeout`` seconds."""
+    ``hashhop_hops`` assignments away; code tests killed after ``code_timeout`` seconds;
+    ``skip_at_chance``: tasks the float reference scores 0 on are not asked of the quants."""
 
     seed: int = 0
     tasks: List[str] = field(
@@ -231,6 +237,8 @@ class EvalConfig:
     hashhop_tokens: int = 512
     hashhop_hops: int = 2
     code_timeout: float = 2.0
+    # a task the float reference scores 0 on cannot tell quants apart: don't ask the quants
+    skip_at_chance: bool = True
 
     def __post_init__(self) -> None:
         for task in self.tasks:

@@ -97,7 +97,9 @@ def summary_markdown(result: Mapping[str, Any], cfg: EvalConfig) -> str:
         f"as {', '.join(sorted(kernels))}, float32 activations. Probes answered by {probed}: "
         f"{cfg.samples_per_task} per task (seed {cfg.seed}), greedy, at most {cfg.max_tokens} "
         f"new tokens; mean prompt tokens: {lengths}; hashhop {cfg.hashhop_hops} hops; code "
-        f"tests time out after {cfg.code_timeout} s{sandbox}.", "",
+        f"tests time out after {cfg.code_timeout} s{sandbox}."
+        + "".join(f" Not asked of the quants: {task} ({why}: at chance, it cannot tell them "
+                  "apart)." for task, why in metrics.get("skipped_tasks", {}).items()), "",
         markdown_table(["model", *(c[0] for c in columns)],
                        [[n, *cells(metrics[n])] for n in models]), "",
         f"## Δ vs `{uniform4}`", "",

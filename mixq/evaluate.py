@@ -241,13 +241,23 @@ def eval_inputs(
     return HeldOut(split_chunks(np.concatenate(windows), per_forward), groups), probes, prompts
 
 
+def tasks_at_chance(probes: list[Probe], scores: list[float]) -> dict[str, str]:
+    """Tasks the reference scored nothing on (every probe task is generative: chance is 0),
+    with the reason: no quant of it can be told apart there, so they are not asked."""
+    means = task_scores(probes, scores)
+    counts = {t: sum(p.task == t for p in probes) for t in means if t != "capability"}
+    return {t: f"the float reference scored 0 of {n}" for t, n in counts.items() if means[t] == 0}
+
+
 def evaluate_checkpoints(
     checkpoints: Mapping[str, Path], heldout: HeldOut, probes: list[Probe],
     prompts: list[list[int]], probed: Collection[str], cfg: EvalConfig,
 ) -> dict[str, dict[str, Any]]:
     """:func:`evaluate_model` of every checkpoint (name -> dir) in order, the first being the
     reference whose logits the others are compared with; only the ``probed`` ones answer the
-    probes. Returns name -> result without logits."""
+    probes; with ``cfg.skip_at_chance`` (and the reference probed) only those of tasks the
+    reference did not score 0 on: the others are listed with the reason as the reference's
+    ``skipped_tasks``. Returns name -> result without logits."""
     models: dict[str, dict] = {}
     reference = None
     with tempfile.TemporaryDirectory(prefix="mixq-eval-") as tmp:
@@ -255,6 +265,18 @@ def evaluate_checkpoints(
             asked = probes if name in probed else []
             result = evaluate_model(name, Path(path), heldout, reference, asked, prompts, cfg,
                                     Path(tmp))
+            if reference is None and asked and cfg.skip_at_chance:
+                result["skipped_tasks"] = skipped = tasks_at_chance(asked, result["scores"])
+                kept = [i for i, p in enumerate(probes) if p.task not in skipped]
+                probes, prompts = [probes[i] for i in kept], [prompts[i] for i in kept]
+                for key in ("answers", "scores"):  # the probes every model answers, in order
+                    result[key] = [result[key][i] for i in kept]
+                result["metrics"].pop("capability")  # the mean over the tasks still asked
+                if kept:
+                    capability = task_scores(probes, result["scores"])["capability"]
+                    result["metrics"]["capability"] = capability
+                if skipped:
+                    log.info("not asked of the quants: %s", skipped)
             reference = result.pop("reference")
             models[name] = result
             log.info("%s: %s", name, {k: v for k, v in result["metrics"].items()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import mixq  # noqa: F401
@@ -25,6 +26,7 @@ from tqdm import tqdm
 from mixq.allocate import uniform_plan
 from mixq.budget import candidate_dict, model_bpw
 from mixq.calibration import build_calibration, write_calibration
+from mixq.card import benchmark_section
 from mixq.config import CalibrationConfig, EvalConfig
 from mixq.convert import write_checkpoint
 from mixq.eval_report import write_outputs
@@ -196,7 +198,8 @@ def test_split_stages_give_the_numbers_of_one_pass(smollm2_dir, smollm2_quants, 
         got = split["models"][name]
         assert {k: got["metrics"][k] for k in want["metrics"]} == want["metrics"], name
         assert (got["answers"], got["scores"]) == (want["answers"], want["scores"]), name
-        assert len(got["answers"]) == len(probes) and all(got["answers"])
+        asked = [p for p in probes if p.task not in split["metrics"]["skipped_tasks"]]
+        assert len(got["answers"]) == len(asked) and all(got["answers"])
     assert split["metrics"]["heldout_tokens"] == 6 * 48
     mixed_metrics = split["metrics"]["mixed"]
     assert mixed_metrics["kl_mean"] > 0.0 and mixed_metrics["id_kl_mean"] > 0.0
@@ -224,7 +227,7 @@ def tiny_run(tiny_llama_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny-eval")
     quants = uniform_quants(tiny_llama_dir, root)
     mixed = mixed_quant(tiny_llama_dir, root / "mixed")
-    cfg = EvalConfig(samples_per_task=1, max_tokens=6, hashhop_tokens=64)
+    cfg = EvalConfig(samples_per_task=1, max_tokens=6, hashhop_tokens=64, skip_at_chance=False)
     result = run_both_stages(tiny_llama_dir, mixed, quants,
                              small_calibration(tiny_llama_dir, root / "calibration"), cfg, root)
     write_outputs(result, cfg, root / "eval")
@@ -302,3 +305,29 @@ def test_dvc_eval_baselines_reads_nothing_of_the_budget():
     assert {"outputs/quant", "outputs/eval-baselines", "mixq/eval_runs.py"} <= set(mixed["deps"])
     code = {"stages/eval_baselines.py", "mixq/eval_runs.py", "mixq/evaluate.py"}
     assert code <= set(baselines["deps"]) and mixed["params"] == ["eval", "memory"]
+
+
+def test_tasks_at_chance_for_the_reference_are_not_asked_of_the_quants(tiny_run):
+    """A random model scores 0 on every task: with skip_at_chance (the default) the quants
+    answer no probe, the metrics, summary and card say which tasks were left out and why, and
+    the held-out numbers are those of the run that asked everything."""
+    _, root, asked_all, paths = tiny_run
+    cfg = replace(asked_all, skip_at_chance=True)
+    baselines = {n: p for n, p in paths.items() if n.startswith("uniform-")}
+    out = root / "skipping"
+    out.mkdir()
+    result = run_both_stages(paths["reference"], paths["mixed"], baselines, root / "calibration",
+                             cfg, out)
+    metrics = result["metrics"]
+    assert metrics["skipped_tasks"] == {t: "the float reference scored 0 of 1" for t in cfg.tasks}
+    for name in ("mixed", *baselines):
+        assert result["models"][name]["answers"] == []
+        assert not set(cfg.tasks) & set(metrics[name]) and "capability" not in metrics[name]
+        assert metrics[name]["kl_mean"] == json.loads(
+            (root / "eval" / "metrics.json").read_text())[name]["kl_mean"]
+    write_outputs(result, cfg, out / "eval")
+    assert "Not asked of the quants: arithmetic (the float reference scored 0 of 1" in (
+        out / "eval" / "summary.md").read_text()
+    assert (out / "eval" / "samples.jsonl").read_text() == ""
+    card = benchmark_section(metrics)
+    assert "Tasks not asked of the quants" in card and "`code`: the float reference" in card
