@@ -48,11 +48,13 @@ def files_dep(source: str, files: Any) -> str:
                                for f in dict(files).values()]) or "."
 
 
-def check_derived(key: str, value: Any, derived: Any) -> None:
-    """A key compose derives from others must hold what they give (it is not set by hand)."""
-    if value != derived:
+def derived(key: str, value: Any, expected: Any) -> Any:
+    """``expected``, the value of a key derived from others; ``value`` (None: not derived yet,
+    e.g. a config made in code) must be it (it is not set by hand)."""
+    if value is not None and value != expected:
         raise ValidationError(f"{key}={value!r} does not match the settings it is derived from "
-                              f"({derived!r}): don't set it, compose again (`mixq compose`)")
+                              f"({expected!r}): don't set it, compose again (`mixq compose`)")
+    return expected
 
 
 def check_choice(key: str, value: Any, allowed: Any) -> None:
@@ -85,12 +87,12 @@ class ModelConfig:
     revision: Optional[str] = None
     dtype: str = "float32"
     # derived at compose time (conf/config.yaml): what prepare-model depends on in dvc.yaml
-    dep: str = UNTRACKED
+    dep: Optional[str] = None
 
     def __post_init__(self) -> None:
         check_choice("model.kind", self.kind, MODEL_KINDS)
         check_choice("model.dtype", self.dtype, DTYPE_BITS)
-        check_derived("model.dep", self.dep, model_dep(self.kind, self.id))
+        self.dep = derived("model.dep", self.dep, model_dep(self.kind, self.id))
 
 
 @dataclass
@@ -116,11 +118,11 @@ class CalibrationConfig:
     hf_revision: Optional[str] = None
     hf_files: Dict[str, str] = field(default_factory=dict)
     # derived at compose time (conf/config.yaml): what calibrate depends on in dvc.yaml
-    files_dep: str = UNTRACKED
+    files_dep: Optional[str] = None
 
     def __post_init__(self) -> None:
-        check_derived("calibration.files_dep", self.files_dep,
-                      files_dep(self.source, self.files))
+        self.files_dep = derived("calibration.files_dep", self.files_dep,
+                                 files_dep(self.source, self.files))
         check_choice("calibration.source", self.source, CALIBRATION_SOURCES)
         for domain in self.domains:
             check_choice("calibration.domains[]", domain, DOMAINS)

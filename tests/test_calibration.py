@@ -15,13 +15,8 @@ from safetensors.numpy import load_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from mixq.calibration import (
-    CalibrationSet,
-    build_calibration,
-    content_hash,
-    read_calibration,
-    write_calibration,
-)
+from mixq.artifacts import CalibrationSet, read_calibration
+from mixq.calibration import build_calibration, content_hash, write_calibration
 from mixq.config import DOMAINS, CalibrationConfig
 from mixq.corpus import builtin_documents
 from mixq.documents import CalibrationError, load_documents

@@ -240,7 +240,8 @@ def test_eval_writes_flat_metrics_with_deltas_and_predictions(tiny_run):
     assert metrics == json.loads(json.dumps(result["metrics"]))
     u4, u8 = (f"uniform-{c['name']}" for c in (FOUR, EIGHT))
     assert [k for k, v in metrics.items() if isinstance(v, dict)] == [
-        "reference", "mixed", u4, u8, "delta_vs_uniform4", "delta_vs_same_size"]
+        "reference", "mixed", u4, u8, "delta_vs_uniform4", "delta_vs_same_size", "skipped_tasks"]
+    assert metrics["skipped_tasks"] == {}  # eval.skip_at_chance=false: every task asked
     heldout = {*HELDOUT_KEYS, "size_bytes", "kernels"}
     for name in ("reference", "mixed", u4, u8):
         m = metrics[name]
