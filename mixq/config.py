@@ -149,8 +149,10 @@ class ProtectRule:
 
 @dataclass
 class QuantConfig:
+    # conf/quant/default.yaml's menu (measured: benchmarks/README.md)
     candidates: List[Candidate] = field(
-        default_factory=lambda: [Candidate(b, 64) for b in (3, 4, 6, 8)]
+        default_factory=lambda: [Candidate(b, 64) for b in (3, 4, 5, 6, 8)] + [
+            Candidate(4, 32, "mxfp4"), Candidate(4, 16, "nvfp4"), Candidate(8, 32, "mxfp8")]
     )
     target_bpw: float = 5.0
     allocator: str = "optimal"
