@@ -129,6 +129,30 @@ class KVConfig:
 
 
 @dataclass
+class RefineConfig:
+    """The refine stage (:mod:`mixq.refine`): mlx-lm's DWQ trains the mixed checkpoint's scales
+    and biases (integers frozen) to the float model's logits for ``steps`` Adam steps of
+    ``batch_size`` windows of the ``split`` calibration split at ``learning_rate``, softened by
+    ``temperature`` (dwq's default 2.0). The split's last ``valid_windows`` windows are never
+    trained on: dwq's validation loss and the check that decides whether the refined scales
+    ship. ``steps=0`` disables it (convert's checkpoint is written unchanged)."""
+
+    steps: int = 100
+    batch_size: int = 4
+    learning_rate: float = 1e-5
+    temperature: float = 2.0
+    split: str = "calibration"
+    valid_windows: int = 8
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.steps < 0:
+            raise ValidationError(f"refine.steps must be >= 0 (0 disables), not {self.steps}")
+        if self.batch_size < 1 or self.valid_windows < 1:
+            raise ValidationError("refine.batch_size and refine.valid_windows must be >= 1")
+
+
+@dataclass
 class EvalConfig:
     """Probes (see :mod:`mixq.probes`): ``samples_per_task`` per task, greedy answers of at most
     ``max_tokens`` tokens; hashhop contexts of about ``hashhop_tokens`` tokens with answers
@@ -169,6 +193,7 @@ class Config:
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     quant: QuantConfig = field(default_factory=QuantConfig)
     measure: MeasureConfig = field(default_factory=MeasureConfig)
+    refine: RefineConfig = field(default_factory=RefineConfig)
     kv: KVConfig = field(default_factory=KVConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
