@@ -226,22 +226,25 @@ def verify_refined(src: Path, out: Path) -> dict[str, Any]:
 
 
 def training_windows(tokens: np.ndarray, cfg: RefineConfig) -> tuple[list, list]:
-    """dwq's ``(train, valid)`` data from token windows [n, seq_len]: the last
-    ``cfg.valid_windows`` windows are the validation set, the others are dealt in shuffled
-    epochs (seed ``cfg.seed``) until ``cfg.steps * cfg.batch_size`` training windows;
-    each item is ``(tokens [seq_len], 0)`` as ``mlx_lm.tuner.trainer.iterate_batches`` takes."""
+    """dwq's ``(train, valid)`` data from token windows [n, seq_len] (ordered by domain):
+    ``cfg.valid_windows`` evenly spaced windows are the validation set (every domain's), the
+    others are dealt in shuffled epochs (seed ``cfg.seed``) until ``cfg.steps *
+    cfg.batch_size`` training windows; each item is ``(tokens [seq_len], 0)`` as
+    ``mlx_lm.tuner.trainer.iterate_batches`` takes them."""
     n_train = len(tokens) - cfg.valid_windows
     if n_train < cfg.batch_size or cfg.valid_windows < cfg.batch_size:
         raise ValueError(
             f"refine: {len(tokens)} windows in split {cfg.split!r}; need at least "
             f"refine.batch_size={cfg.batch_size} for training and as many for validation "
             f"(refine.valid_windows={cfg.valid_windows})")
+    valid = np.linspace(0, len(tokens) - 1, cfg.valid_windows).round().astype(int)
+    train_ids = np.setdiff1d(np.arange(len(tokens)), valid)
     rng = np.random.default_rng(cfg.seed)
     order: list[int] = []
     while len(order) < cfg.steps * cfg.batch_size:
-        order += rng.permutation(n_train).tolist()
+        order += train_ids[rng.permutation(len(train_ids))].tolist()
     train = [(tokens[i], 0) for i in order[: cfg.steps * cfg.batch_size]]
-    return train, [(w, 0) for w in tokens[n_train:]]
+    return train, [(tokens[i], 0) for i in valid]
 
 
 def load_student(quant_dir: Path) -> tuple[nn.Module, str]:
@@ -259,12 +262,15 @@ def load_student(quant_dir: Path) -> tuple[nn.Module, str]:
 
 
 def run_dwq(student: nn.Module, reference: nn.Module, train: list, valid: list,
-            cfg: RefineConfig, seq_len: int, dtype: mx.Dtype) -> None:
+            cfg: RefineConfig, seq_len: int, dtype: mx.Dtype,
+            opt: Optional[optimizers.Optimizer] = None) -> optimizers.Optimizer:
     """Train ``student``'s scales and biases in place with ``dwq_quantize`` against the
-    logits of ``reference`` (computed per batch), Adam at ``cfg.learning_rate``; the
-    parameters are kept in ``dtype`` (the checkpoint's) in every forward, as they ship."""
+    logits of ``reference`` (computed per batch), one step per ``cfg.batch_size`` windows of
+    ``train``, Adam at ``cfg.learning_rate`` (or ``opt``, to continue its state); the
+    parameters are kept in ``dtype`` (the checkpoint's) in every forward, as they ship.
+    Returns the optimizer."""
     mx.random.seed(cfg.seed)
-    opt = optimizers.Adam(learning_rate=cfg.learning_rate, bias_correction=True)
+    opt = opt or optimizers.Adam(learning_rate=cfg.learning_rate, bias_correction=True)
     dwq_quantize(
         student,
         lambda batch, idx, split: mx.stop_gradient(reference(batch).astype(mx.float32)),
@@ -272,23 +278,38 @@ def run_dwq(student: nn.Module, reference: nn.Module, train: list, valid: list,
         batch_size=cfg.batch_size, max_seq_length=seq_len, seed=cfg.seed, dtype=dtype,
         temperature=cfg.temperature,
     )
+    return opt
+
+
+def reference_rows(reference: nn.Module, splits: dict[str, np.ndarray],
+                   work_dir: Path) -> dict[str, tuple[list[mx.array], np.ndarray]]:
+    """Per split (name -> token windows [n, T]): its chunks (:func:`mixq.measure.split_chunks`)
+    and ``reference``'s logits of them, [n * T, V] float32 memory-mapped under ``work_dir``."""
+    out = {}
+    for name, tokens in splits.items():
+        chunks = split_chunks(tokens, CHUNK_TOKENS)
+        out[name] = chunks, record_logits(forward_logits(reference, chunks), tokens.size,
+                                          Path(work_dir) / f"{name}.npy")
+    return out
+
+
+def checkpoint_metrics(path: Path, refs: dict[str, tuple[list[mx.array], np.ndarray]]
+                       ) -> dict[str, dict[str, float]]:
+    """:func:`mixq.evaluate.heldout_metrics` of checkpoint ``path`` (loaded as eval loads it)
+    on every split of :func:`reference_rows`."""
+    model, _, _ = load_for_eval(path)
+    return {name: heldout_metrics(forward_logits(model, chunks), chunks, rows)
+            for name, (chunks, rows) in refs.items()}
 
 
 def kl_before_after(before: Path, after: Path, reference: nn.Module,
                     splits: dict[str, np.ndarray]) -> dict[str, dict[str, dict[str, float]]]:
-    """Per split (name -> token windows [n, T]): :func:`mixq.evaluate.heldout_metrics` of
-    checkpoints ``before`` and ``after``, each loaded as eval loads it, against ``reference``."""
-    chunks = {name: split_chunks(t, CHUNK_TOKENS) for name, t in splits.items()}
-    out: dict[str, dict[str, dict[str, float]]] = {name: {} for name in splits}
+    """Per split (name -> token windows [n, T]): ``{"before": ..., "after": ...}``, the
+    :func:`checkpoint_metrics` of checkpoints ``before`` and ``after``."""
     with tempfile.TemporaryDirectory(prefix="mixq-refine-") as tmp:
-        refs = {name: record_logits(forward_logits(reference, c), splits[name].size,
-                                    Path(tmp) / f"{name}.npy") for name, c in chunks.items()}
-        for label, path in (("before", before), ("after", after)):
-            model, _, kernels = load_for_eval(path)
-            for name, c in chunks.items():
-                out[name][label] = heldout_metrics(forward_logits(model, c), c, refs[name])
-            del model
-    return out
+        refs = reference_rows(reference, splits, Path(tmp))
+        b, a = checkpoint_metrics(before, refs), checkpoint_metrics(after, refs)
+    return {name: {"before": b[name], "after": a[name]} for name in splits}
 
 
 def refine_checkpoint(quant_dir: Path, model_dir: Path, calibration_dir: Path, out_dir: Path,
@@ -306,6 +327,8 @@ def refine_checkpoint(quant_dir: Path, model_dir: Path, calibration_dir: Path, o
         verify_refined(quant_dir, out_dir)
         log.info("refine.steps=0: %s written unchanged", quant_dir)
         return {**settings, "shipped": "unrefined", "reason": "refine.steps=0"}
+    if cfg.split not in SPLITS:
+        raise ValueError(f"refine.split={cfg.split!r}: calibrate writes the splits {SPLITS}")
     cal = read_calibration(Path(calibration_dir))
     tokens = cal.split(cfg.split)[0]
     train, valid = training_windows(tokens, cfg)
@@ -313,9 +336,12 @@ def refine_checkpoint(quant_dir: Path, model_dir: Path, calibration_dir: Path, o
     reference, _ = mlx_lm.load(str(model_dir))
     reference.set_dtype(mx.float32)
     student, kernels = load_student(quant_dir)
-    tic = time.perf_counter()
-    run_dwq(student, reference, train, valid, cfg, cal.seq_len, DTYPES[dtype])
-    train_seconds = time.perf_counter() - tic
+    tic, cpu = time.perf_counter(), time.process_time()
+    # dwq's own validation loss (before and after, logged) on one batch only: it costs two
+    # forwards per window; the KL on every validation window is measured below
+    run_dwq(student, reference, train, valid[: cfg.batch_size], cfg, cal.seq_len,
+            DTYPES[dtype])
+    train_seconds, cpu = time.perf_counter() - tic, time.process_time() - cpu
     write_refined(quant_dir, out_dir, refined_tensors(student))
     del student
     check = verify_refined(quant_dir, out_dir)
@@ -330,7 +356,7 @@ def refine_checkpoint(quant_dir: Path, model_dir: Path, calibration_dir: Path, o
         "train_tokens": int(sum(len(w) for w, _ in train)),
         "distinct_train_windows": len(tokens) - cfg.valid_windows,
         "seconds": {"train": train_seconds, "per_step": train_seconds / cfg.steps,
-                    "kl": kl_seconds},
+                    "cpu_per_step": cpu / cfg.steps, "kl": kl_seconds},
         "kl": kl, "changed_tensors": check["changed_tensors"],
     }
     if after > before:
