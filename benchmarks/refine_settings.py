@@ -30,8 +30,9 @@ import mlx.core as mx
 import numpy as np
 from mlx_lm.utils import load_tokenizer
 
-from mixq.calibration import SPLITS, build_calibration, read_calibration, write_calibration
-from mixq.cli import setup_logging
+from mixq.artifacts import read_calibration
+from mixq.calibration import build_calibration, write_calibration
+from mixq.log import setup_logging
 from mixq.config import CalibrationConfig, RefineConfig
 from mixq.io import read_json
 from mixq.quantize import DTYPES
@@ -78,8 +79,7 @@ def main() -> None:
         train, valid = training_windows(tokens, cfg)
         if header is None:  # the reference and the unrefined KL, once
             splits = {"validation": np.stack([w for w, _ in valid])}
-            splits.update({s: cal.split(s)[0] for s in HELDOUT_SPLITS
-                           if s in SPLITS and s != args.split})
+            splits.update({s: cal.split(s)[0] for s in HELDOUT_SPLITS if s != args.split})
             refs = reference_rows(reference, splits, tmp)
             before = checkpoint_metrics(args.quant, refs)
             header = ("| lr | batch | steps | train tokens | "

@@ -43,12 +43,12 @@ from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.quant.dwq import dwq_quantize
 from mlx_lm.utils import load_model
 
-from mixq.calibration import SPLITS, read_calibration
+from mixq.artifacts import ALL_SPLITS, read_calibration
 from mixq.config import RefineConfig
 from mixq.convert import CheckpointMismatchError, verify_checkpoint
 from mixq.evaluate import CHUNK_TOKENS, forward_logits, heldout_metrics, load_for_eval, record_logits
 from mixq.io import read_json
-from mixq.measure import split_chunks
+from mixq.kl import split_chunks
 from mixq.quantize import DTYPES
 
 log = logging.getLogger("mixq")
@@ -327,8 +327,8 @@ def refine_checkpoint(quant_dir: Path, model_dir: Path, calibration_dir: Path, o
         verify_refined(quant_dir, out_dir)
         log.info("refine.steps=0: %s written unchanged", quant_dir)
         return {**settings, "shipped": "unrefined", "reason": "refine.steps=0"}
-    if cfg.split not in SPLITS:
-        raise ValueError(f"refine.split={cfg.split!r}: calibrate writes the splits {SPLITS}")
+    if cfg.split not in ALL_SPLITS:
+        raise ValueError(f"refine.split={cfg.split!r}: calibrate writes the splits {ALL_SPLITS}")
     cal = read_calibration(Path(calibration_dir))
     tokens = cal.split(cfg.split)[0]
     train, valid = training_windows(tokens, cfg)
@@ -346,7 +346,7 @@ def refine_checkpoint(quant_dir: Path, model_dir: Path, calibration_dir: Path, o
     del student
     check = verify_refined(quant_dir, out_dir)
     splits = {"validation": np.stack([w for w, _ in valid])}
-    splits.update({s: cal.split(s)[0] for s in HELDOUT_SPLITS if s in SPLITS})
+    splits.update({s: cal.split(s)[0] for s in HELDOUT_SPLITS if s != cfg.split})
     tic = time.perf_counter()
     kl = kl_before_after(quant_dir, out_dir, reference, splits)
     kl_seconds = time.perf_counter() - tic

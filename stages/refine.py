@@ -4,13 +4,13 @@ or convert's unchanged when that is not better); outputs/metrics/refine.json."""
 
 from pathlib import Path
 
-from mixq.cli import setup_logging
 from mixq.config import load_params
+from mixq.log import setup_stage
 from mixq.io import atomic_dir, write_json
 from mixq.memory import set_budget
 from mixq.refine import refine_checkpoint
 
-setup_logging()
+setup_stage()
 params = load_params()
 set_budget(params.memory.logits_gb)
 cfg = params.refine

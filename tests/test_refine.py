@@ -76,11 +76,13 @@ def test_dense_substitute_gradients_equal_dequantized_ones():
 @pytest.fixture(scope="module")
 def smollm2_inputs(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     """``(quant, calibration)``: a mixed SmolLM2 checkpoint (8-bit attention, 4-bit g64
-    elsewhere) and a calibration set of 64-token windows (8 per domain in two domains)."""
+    elsewhere) and a calibration set of 64-token windows (8 refine windows per domain in two
+    domains, 2 held-out ones, 1 per other source)."""
     root = tmp_path_factory.mktemp("refine")
     quant = mixed_quant(smollm2_dir, root / "quant")
-    cfg = CalibrationConfig(domains=["prose", "reasoning"], samples_per_domain=8,
-                            heldout_per_domain=2, seq_len=64)
+    cfg = CalibrationConfig(domains=["prose", "reasoning"], samples_per_domain=1,
+                            refine_per_domain=8, heldout_per_domain=2,
+                            heldout_other_per_source=1, seq_len=64)
     write_calibration(build_calibration(load_tokenizer(smollm2_dir), cfg, 2048),
                       root / "calibration", "smollm2", cfg)
     return quant, root / "calibration"
@@ -115,7 +117,7 @@ def test_stock_mlx_lm_loads_it_and_held_out_kl_is_not_worse(refined):
     out, report = refined
     model, tokenizer = mlx_lm.load(str(out))
     assert mlx_lm.generate(model, tokenizer, "The capital of France is", max_tokens=4)
-    for split in ("validation", "heldout"):
+    for split in ("validation", "heldout", "heldout_other"):
         kl = report["kl"][split]
         assert kl["after"]["kl_mean"] <= kl["before"]["kl_mean"], (split, kl)
     assert report["seconds"]["per_step"] > 0 and report["train_windows"] == 12
