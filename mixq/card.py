@@ -280,7 +280,7 @@ def recipe_section(run: Mapping[str, Any]) -> str:
         "```bash",
         "bash scripts/setup.sh && . .venv/bin/activate",
         f"mixq compose \\\n  {overrides}",
-        "dvc repro publish  # prepare-model, calibrate, measure-kl, allocate, convert, "
+        "dvc repro publish  # prepare-model, calibrate, measure-kl, allocate, convert, refine, "
         "baselines, eval, publish",
         "```",
         *(["", "Local paths are shown as `path/to/<name>`: point them at your own copies."]

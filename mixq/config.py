@@ -225,6 +225,35 @@ class KVConfig:
         check_choice("kv.allocator", self.allocator, ALLOCATORS)
 
 
+REFINE_SPLITS = ("refine", "calibration")  # never a held-out split
+
+
+@dataclass
+class RefineConfig:
+    """The refine stage (:mod:`mixq.refine`): mlx-lm's DWQ trains the mixed checkpoint's scales
+    and biases (integers frozen) to the float model's logits for ``steps`` Adam steps of
+    ``batch_size`` windows of the ``split`` calibration split at ``learning_rate``, softened by
+    ``temperature`` (dwq's default 2.0). ``valid_windows`` evenly spaced windows of the split are
+    never trained on: the KL on them decides whether the refined scales ship (and dwq's own
+    validation loss uses the first batch of them). ``steps=0`` disables it (convert's
+    checkpoint is written unchanged)."""
+
+    steps: int = 100
+    batch_size: int = 4
+    learning_rate: float = 1e-5
+    temperature: float = 2.0
+    split: str = "refine"
+    valid_windows: int = 8
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.steps < 0:
+            raise ValidationError(f"refine.steps must be >= 0 (0 disables), not {self.steps}")
+        if self.batch_size < 1 or self.valid_windows < 1:
+            raise ValidationError("refine.batch_size and refine.valid_windows must be >= 1")
+        check_choice("refine.split", self.split, REFINE_SPLITS)
+
+
 @dataclass
 class EvalConfig:
     """Probes (see :mod:`mixq.probes`): ``samples_per_task`` per task, greedy answers of at most
@@ -273,6 +302,7 @@ class Config:
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     quant: QuantConfig = field(default_factory=QuantConfig)
     measure: MeasureConfig = field(default_factory=MeasureConfig)
+    refine: RefineConfig = field(default_factory=RefineConfig)
     kv: KVConfig = field(default_factory=KVConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     memory: MemoryConfig = field(default_factory=MemoryConfig)

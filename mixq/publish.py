@@ -27,7 +27,7 @@ log = logging.getLogger("mixq")
 
 DEFAULT_NAMESPACE = "mixq"  # of the derived repo id: mixq/<model name>-mixq
 # the params that determine the quantized weights (hashed), and those the card shows
-HASHED_SECTIONS = ("model", "calibration", "quant", "measure")
+HASHED_SECTIONS = ("model", "calibration", "quant", "measure", "refine")
 # How the work was split, not what it computed: sharded measure-kl writes the unsharded table.
 UNHASHED_KEYS = {"measure": ("shards", "shard_ids")}
 CARD_SECTIONS = (*HASHED_SECTIONS, "eval")

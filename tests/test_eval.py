@@ -301,9 +301,9 @@ def test_dvc_eval_baselines_reads_nothing_of_the_budget():
     assert baselines["params"] == ["eval", "memory"]  # memory sizes slices only: no quant.*
     assert baselines["outs"] == ["outputs/eval-baselines"]
     assert {"outputs/model", "outputs/calibration", "outputs/baselines"} <= set(baselines["deps"])
-    assert not [d for d in baselines["deps"] if d.startswith("outputs/quant")
+    assert not [d for d in baselines["deps"] if d.startswith(("outputs/quant", "outputs/refined"))
                 or d in ("outputs/plan", "outputs/sensitivity", "mixq/eval_report.py")]
-    assert {"outputs/quant", "outputs/eval-baselines", "mixq/eval_runs.py"} <= set(mixed["deps"])
+    assert {"outputs/refined", "outputs/eval-baselines", "mixq/eval_runs.py"} <= set(mixed["deps"])
     code = {"stages/eval_baselines.py", "mixq/eval_runs.py", "mixq/evaluate.py"}
     assert code <= set(baselines["deps"]) and mixed["params"] == ["eval", "memory"]
 

@@ -81,7 +81,7 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     table = {**smollm2_table(), "tokens": 3072, "method": "fisher", "reference": "float",
              "dtype": "bfloat16"}
     plan = allocate(table, QuantConfig([Candidate(4, 64), Candidate(8, 64)]), 16)  # the table's
-    quant = root / "outputs/quant"
+    quant = root / "outputs/refined"
     (quant / "mixq").mkdir(parents=True)
     save_file({"w": np.arange(50_000, dtype=np.uint32)}, str(quant / "model.safetensors"))
     write_json(quant / "config.json", {"model_type": "llama", "quantization": plan["layers"]})
@@ -107,12 +107,12 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
             for layer in layers for c in kv_candidates}  # stand-in KLs, real formats
     kv = kv_table(layers, rows, kv_candidates, {}, "bfloat16", 512, {})
     write_json(root / "outputs/kv/kv_config.json",
-               kv_config(kv, kv_plan(kv, KVConfig()), Path("outputs/quant")))
+               kv_config(kv, kv_plan(kv, KVConfig()), Path("outputs/refined")))
     return root
 
 
 def build(inputs: Path, out: Path, cfg: Config, source: Path | None = None) -> Path:
-    build_folder(out, cfg, inputs / "outputs/quant",
+    build_folder(out, cfg, inputs / "outputs/refined",
                  source or inputs / "outputs/model/mixq_source.json",
                  inputs / "outputs/calibration/manifest.json",
                  inputs / "outputs/eval/metrics.json", inputs / "outputs/kv/kv_config.json")
@@ -130,7 +130,7 @@ def front_matter(card: str) -> dict:
 
 
 def test_folder_is_a_byte_copy_plus_sidecar_and_card(inputs: Path, folder: Path):
-    quant = inputs / "outputs/quant"
+    quant = inputs / "outputs/refined"
     for src in (f for f in quant.rglob("*") if f.is_file()):
         dst = folder / src.relative_to(quant)
         assert dst.read_bytes() == src.read_bytes()
@@ -237,7 +237,7 @@ def test_identity_comes_from_the_model_and_the_card_has_no_local_paths(
     cfg = Config(model=ModelConfig(kind=source["kind"], id=source["id"]))
     assert cfg.publish.repo_id is None
     out = tmp_path / "repo"
-    assert build_folder(out, cfg, inputs / "outputs/quant", record,
+    assert build_folder(out, cfg, inputs / "outputs/refined", record,
                         inputs / "outputs/calibration/manifest.json",
                         inputs / "outputs/eval/metrics.json") == repo
     card = (out / "README.md").read_text()
