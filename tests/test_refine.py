@@ -5,7 +5,6 @@ substitute computes what the quantized layers compute."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import mixq  # noqa: F401
