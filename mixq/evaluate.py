@@ -41,6 +41,7 @@ from mixq.artifacts import read_calibration
 from mixq.chat import chat_tokens
 from mixq.config import EvalConfig
 from mixq.kl import kl_summary, reference_logits, split_chunks, token_kl
+from mixq.stats import bootstrap_ci
 from mixq.memory import FORWARD_COPIES, logit_rows, vocab_size
 from mixq.probes import Probe, make_probes, score
 from mixq.runtime import for_this_device
@@ -121,12 +122,16 @@ def heldout_metrics(
             agree.append(np.array(same))
         last.append((np.arange(chunk.size) % chunk.shape[1]) == chunk.shape[1] - 1)
     kl, nll, same, last = map(np.concatenate, (kls, nlls, agree, last))
-    metrics = {}
+    metrics: dict[str, Any] = {}
+    window = chunks[0].shape[1]
     for prefix, mask in (groups or {"": np.ones(len(kl), bool)}).items():
         summary = kl_summary(kl[mask])
         metrics.update({f"{prefix}kl_{k}": v for k, v in summary.items()})
         metrics[f"{prefix}ppl"] = math.exp(float(nll[mask & ~last].mean()))
         metrics[f"{prefix}top1"] = float(same[mask].mean())
+        windows = kl[mask].reshape(-1, window).mean(axis=1)  # the unit of the intervals
+        metrics[f"{prefix}kl_mean_ci"] = bootstrap_ci(windows)
+        metrics[f"{prefix}kl_windows"] = windows.tolist()
     return metrics
 
 
@@ -160,11 +165,14 @@ def generate_answers(
     return [tokenizer.decode(tokens[uid]) for uid in uids]
 
 
-def task_scores(probes: list[Probe], scores: list[float]) -> dict[str, float]:
-    """Mean score per task, in the probes' task order, and ``capability``: their mean."""
+def task_scores(probes: list[Probe], scores: list[float]) -> dict[str, Any]:
+    """Mean score per task, in the probes' task order, ``capability`` (their mean) and per
+    task ``<task>_ci``, the 95% interval of its mean over its problems."""
     tasks = list(dict.fromkeys(p.task for p in probes))
-    means = {t: float(np.mean([s for p, s in zip(probes, scores) if p.task == t])) for t in tasks}
-    return {**means, "capability": float(np.mean(list(means.values())))}
+    per_task = {t: [s for p, s in zip(probes, scores) if p.task == t] for t in tasks}
+    means = {t: float(np.mean(s)) for t, s in per_task.items()}
+    return {**means, "capability": float(np.mean(list(means.values()))),
+            **{f"{t}_ci": bootstrap_ci(s) for t, s in per_task.items()}}
 
 
 @dataclass

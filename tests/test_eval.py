@@ -260,6 +260,14 @@ def test_eval_writes_flat_metrics_with_deltas_and_predictions(tiny_run):
     delta = metrics["delta_vs_uniform4"]
     for key in ("kl_mean", "ppl", "top1", "capability", "size_bytes", "bpw", *cfg.tasks):
         assert delta[key] == pytest.approx(metrics["mixed"][key] - metrics[u4][key])
+    for prefix in ("", "id_"):  # paired over the same windows; each model's own interval too
+        lo, hi = delta[f"{prefix}kl_mean_ci"]
+        assert lo <= delta[f"{prefix}kl_mean"] <= hi < 0  # mixed is better on every window
+        lo, hi = metrics["mixed"][f"{prefix}kl_mean_ci"]
+        assert lo <= metrics["mixed"][f"{prefix}kl_mean"] <= hi
+    assert all(f"{t}_ci" in delta for t in cfg.tasks)
+    assert not [k for m in metrics.values() if isinstance(m, dict) for k in m
+                if k.endswith("kl_windows")]  # they serve the intervals, not metrics.json
     # 8-bit attention only: uniform 4-bit is 0.7% smaller, within the 3% of "same size"
     assert metrics["uniform4"] == metrics["same_size"] == metrics["closest_size"] == u4
     assert metrics["delta_vs_same_size"] == delta and -0.03 < metrics["closest_size_bpw_gap"] < 0
