@@ -47,7 +47,7 @@ from tqdm import tqdm
 from mixq.allocate import InfeasibleTargetError, allocate, uniform_plan
 from mixq.budget import DTYPE_BITS, candidate_dict
 from mixq.artifacts import read_calibration
-from mixq.config import Candidate, KVConfig, MeasureConfig, QuantConfig
+from mixq.config import Candidate, KVConfig, QuantConfig
 from mixq.kl import kl_summary, sliced_kl
 from mixq.measure import (
     Reference, append_journal, build_reference, cache_root, journal_lock, logits_with_replay,
@@ -373,9 +373,9 @@ def kv_sensitivity(model_dir: Path, calibration_dir: Path, kv: KVConfig) -> tupl
     model.set_dtype(mx.float32)  # float32 activations (elsewhere than CPU too), as measure-kl
     for_this_device(model)
     tokens = kv_sequences(read_calibration(calibration_dir).tokens, kv.seq_len, kv.samples)
-    settings = MeasureConfig(method="kv-cache", chunk_tokens=kv.chunk_tokens)
     # rows are per (layer, candidate): no candidates in the key, so adding one measures only it
-    key = measurement_key(Path(model_dir), tokens, [], dtype, settings, "kv-float")
+    key = measurement_key(Path(model_dir), tokens, [], dtype, "kv-cache", kv.chunk_tokens,
+                          "kv-float")
     rows = measure_kv(model, tokens, layers, candidates, kv.chunk_tokens, cache_root() / "kv" / key)
     table = kv_table(layers, rows, candidates, skipped, dtype, int(tokens.size), dropped)
     return table, kv_config(table, kv_plan(table, kv), Path(model_dir))

@@ -193,9 +193,11 @@ def measure_layer_kl(
 
 
 def measurement_key(
-    model_dir: Path, tokens: np.ndarray, candidates, dtype, cfg, reference: str
+    model_dir: Path, tokens: np.ndarray, candidates, dtype: str, method: str,
+    chunk_tokens: int, reference: str,
 ) -> str:
-    """Hash of everything that determines the table: weights, tokens, candidates, settings."""
+    """Hash of everything that determines the table: weights, tokens, candidates, settings
+    (``method``: a measure method, or what else is measured, e.g. ``kv-cache``)."""
     h = hashlib.sha256()
     for f in sorted(model_dir.glob("*.safetensors")) + [model_dir / "config.json"]:
         with open(f, "rb") as fh:
@@ -205,9 +207,9 @@ def measurement_key(
     settings = {
         "candidates": [candidate_name(c) for c in candidates],
         "dtype": dtype,
-        "method": cfg.method,
+        "method": method,
         "reference": reference,
-        "chunk_tokens": cfg.chunk_tokens,
+        "chunk_tokens": chunk_tokens,
         "version": mixq.__version__,
     }
     h.update(json.dumps(settings, sort_keys=True).encode())

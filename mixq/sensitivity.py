@@ -45,7 +45,8 @@ def measure_sensitivity(
         costs = layer_costs(layers, starts, quant.candidates, cfg.method)
         measured = shard_layers(layers, costs, shard, cfg.shards)
         log.info("shard %d of %d: %d of %d layers", shard, cfg.shards, len(measured), len(layers))
-    key = measurement_key(model_dir, tokens, quant.candidates, quant.dtype, cfg, reference)
+    key = measurement_key(model_dir, tokens, quant.candidates, quant.dtype, cfg.method,
+                          cfg.chunk_tokens, reference)
     if cfg.method == "exact":
         floats = weights = None
         if reference != "float":
