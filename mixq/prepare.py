@@ -25,7 +25,7 @@ import mlx.core as mx
 from mlx.utils import tree_map_with_path
 
 from mixq.config import ModelConfig
-from mixq.gguf import DTYPES, convert_gguf
+from mixq.gguf import convert_gguf
 
 log = logging.getLogger("mixq")
 
@@ -187,13 +187,11 @@ def build_model_dir(cfg: ModelConfig, out_dir: Path) -> dict[str, Any]:
             source["commit"] = snapshot.name
             check_model_dir(snapshot)
             resave_with_mlx_lm(snapshot, out_dir, cfg.dtype)
-    elif cfg.kind == "path":
+    else:  # path (ModelConfig allows no other kind)
         src = Path(cfg.id).expanduser().resolve()
         check_model_dir(src)
         source["path"] = str(src)
         resave_with_mlx_lm(src, out_dir, cfg.dtype)
-    else:
-        raise ValueError(f"unknown model.kind {cfg.kind!r}: use embedded, hub or path")
     return source
 
 
@@ -203,8 +201,6 @@ def prepare_model(cfg: ModelConfig, out_dir: Path) -> Path:
     It is built in ``<out_dir>.tmp`` and renamed at the end, so a failure leaves no partial
     ``out_dir``. Also writes ``out_dir/mixq_source.json`` recording where the weights came from.
     """
-    if cfg.dtype not in DTYPES:
-        raise ValueError(f"unsupported model.dtype {cfg.dtype!r}: choose one of {DTYPES}")
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -112,9 +112,9 @@ def test_unknown_embedded_id_lists_known_ids(tmp_path: Path):
         prepare_model(ModelConfig(kind="embedded", id="tinyllama"), tmp_path / "model")
 
 
-def test_unknown_kind_and_dtype_fail(tmp_path: Path):
-    with pytest.raises(ValueError, match="unknown model.kind 'ftp'"):
-        prepare_model(ModelConfig(kind="ftp", id="x"), tmp_path / "model")
-    with pytest.raises(ValueError, match="unsupported model.dtype 'int8'"):
-        prepare_model(ModelConfig(id="smollm2-135m-instruct", dtype="int8"), tmp_path / "model")
+def test_unknown_kind_and_dtype_fail_before_anything_runs():
+    with pytest.raises(ValueError, match="model.kind='ftp' is not one of embedded, hub, path"):
+        ModelConfig(kind="ftp", id="x")
+    with pytest.raises(ValueError, match="model.dtype='int8' is not one of"):
+        ModelConfig(id="smollm2-135m-instruct", dtype="int8")
     assert list(tmp_path.iterdir()) == []
