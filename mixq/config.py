@@ -82,6 +82,23 @@ class QuantConfig:
 
 
 @dataclass
+class ScaleConfig:
+    """awq-scale (:mod:`mixq.scale`): mlx-lm's AWQ scale search, folded into an equivalent
+    float model that measure-kl and convert read. ``bits``/``group_size``/``mode``: what the
+    search quantizes with; ``n_grid``: search points; ``clip``: also clip weight ranges (changes
+    the float model); ``samples``: calibration sequences used (null: all); ``enabled: false``
+    passes the model through unchanged."""
+
+    enabled: bool = True
+    bits: int = 4
+    group_size: int = 64
+    mode: str = "affine"
+    n_grid: int = 20
+    clip: bool = False
+    samples: Optional[int] = None
+
+
+@dataclass
 class MeasureConfig:
     """How measure-kl scores layers; ``shards``: how many independent DVC stages
     (``measure-kl@0`` ... ``measure-kl@{shards-1}``) split the layers between them, balanced by
@@ -168,6 +185,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     quant: QuantConfig = field(default_factory=QuantConfig)
+    scale: ScaleConfig = field(default_factory=ScaleConfig)
     measure: MeasureConfig = field(default_factory=MeasureConfig)
     kv: KVConfig = field(default_factory=KVConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
