@@ -10,6 +10,7 @@ from pathlib import Path
 
 import mixq  # noqa: F401  (loads OpenBLAS before mlx)
 from mixq.config import load_params
+from mixq.log import setup_logging
 
 log = logging.getLogger("mixq")
 
@@ -44,14 +45,6 @@ def describe_config_error(err: Exception) -> str:
     message = str(cause).splitlines()[0] if str(cause) else type(cause).__name__
     key = getattr(cause, "full_key", None)
     return f"{key}: {message}" if key and key not in message else message
-
-
-def setup_logging(verbose: bool = False) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(name)s %(levelname)s %(message)s",
-        datefmt="%H:%M:%S",
-    )
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -15,7 +15,33 @@ from typing import Any, Dict, List, Optional
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import ValidationError
 
+from mixq.budget import DTYPE_BITS, MODES
+
 DOMAINS = ["prose", "reasoning", "code", "agent", "tool_call", "constraints"]
+# The values each choice setting accepts (checked when params are composed or loaded).
+MODEL_KINDS = ("embedded", "hub", "path")
+CALIBRATION_SOURCES = ("builtin", "files", "hf")
+ALLOCATORS = ("greedy", "optimal")
+MEASURE_METHODS = ("exact", "fisher")
+REFERENCES = ("auto", "float", "q8", "q4")
+EVAL_TASKS = ("arithmetic", "format", "tool_call", "hashhop", "code")
+
+
+def check_choice(key: str, value: Any, allowed: Any) -> None:
+    """Raise a one-line :class:`ValidationError` naming ``key`` unless ``value`` is allowed."""
+    if value not in allowed:
+        raise ValidationError(f"{key}={value!r} is not one of {', '.join(map(str, allowed))}")
+
+
+def check_candidates(key: str, candidates: List[Any]) -> None:
+    """A non-empty list of quantizations MLX accepts (mode, bits, group size)."""
+    if not candidates:
+        raise ValidationError(f"{key} is empty: list at least one {{bits, group_size, mode}}")
+    for c in candidates:
+        check_choice(f"{key}[].mode", c.mode, MODES)
+        bits, groups = MODES[c.mode]
+        check_choice(f"{key}[] {c.mode} bits", c.bits, bits)
+        check_choice(f"{key}[] {c.mode}-b{c.bits} group_size", c.group_size, groups)
 
 
 @dataclass
@@ -31,16 +57,25 @@ class ModelConfig:
     revision: Optional[str] = None
     dtype: str = "float32"
 
+    def __post_init__(self) -> None:
+        check_choice("model.kind", self.kind, MODEL_KINDS)
+        check_choice("model.dtype", self.dtype, DTYPE_BITS)
+
 
 @dataclass
 class CalibrationConfig:
-    """The calibration mix: ``samples_per_domain`` sequences of ``seq_len`` tokens per domain,
-    plus ``heldout_per_domain`` held-out sequences built from disjoint source documents."""
+    """The calibration mix: ``samples_per_domain`` sequences of ``seq_len`` tokens per domain
+    (measure-kl), ``refine_per_domain`` more for the refine stage's training and
+    ``heldout_per_domain`` held-out ones, all from disjoint documents; plus
+    ``heldout_other_per_source`` held-out sequences from each of two other sources (package
+    docs, library code; :mod:`mixq.calibration`)."""
 
     source: str = "builtin"
     domains: List[str] = field(default_factory=lambda: list(DOMAINS))
     samples_per_domain: int = 2
+    refine_per_domain: int = 26
     heldout_per_domain: int = 1
+    heldout_other_per_source: int = 4
     seq_len: int = 256
     seed: int = 0
     # source=files: domain -> path of a .jsonl ({"text": ...} or {"messages": [...]}) or .txt file
@@ -49,6 +84,11 @@ class CalibrationConfig:
     hf_repo: Optional[str] = None
     hf_revision: Optional[str] = None
     hf_files: Dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        check_choice("calibration.source", self.source, CALIBRATION_SOURCES)
+        for domain in self.domains:
+            check_choice("calibration.domains[]", domain, DOMAINS)
 
 
 @dataclass
@@ -79,6 +119,13 @@ class QuantConfig:
     allocator: str = "optimal"
     protect: List[ProtectRule] = field(default_factory=list)
     dtype: str = "bfloat16"
+
+    def __post_init__(self) -> None:
+        check_candidates("quant.candidates", self.candidates)
+        if self.protect:
+            check_candidates("quant.protect", self.protect)
+        check_choice("quant.allocator", self.allocator, ALLOCATORS)
+        check_choice("quant.dtype", self.dtype, DTYPE_BITS)
 
 
 @dataclass
@@ -112,6 +159,8 @@ class MeasureConfig:
     shard_ids: List[int] = field(default_factory=lambda: [0])
 
     def __post_init__(self) -> None:
+        check_choice("measure.method", self.method, MEASURE_METHODS)
+        check_choice("measure.reference", self.reference, REFERENCES)
         if self.shards < 1:
             raise ValidationError(f"measure.shards must be at least 1, not {self.shards}")
         if list(self.shard_ids) != shard_ids(self.shards):
@@ -144,6 +193,10 @@ class KVConfig:
     samples: int = 1
     chunk_tokens: int = 256
 
+    def __post_init__(self) -> None:
+        check_candidates("kv.candidates", self.candidates)
+        check_choice("kv.allocator", self.allocator, ALLOCATORS)
+
 
 @dataclass
 class EvalConfig:
@@ -160,6 +213,10 @@ class EvalConfig:
     hashhop_tokens: int = 512
     hashhop_hops: int = 2
     code_timeout: float = 2.0
+
+    def __post_init__(self) -> None:
+        for task in self.tasks:
+            check_choice("eval.tasks[]", task, EVAL_TASKS)
 
 
 @dataclass

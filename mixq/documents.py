@@ -15,12 +15,12 @@ import re
 from pathlib import Path
 from typing import Any, Iterator
 
+from mixq.config import CALIBRATION_SOURCES as SOURCES
 from mixq.config import DOMAINS, CalibrationConfig
 from mixq.corpus import builtin_documents
 
 log = logging.getLogger("mixq")
 
-SOURCES = ("builtin", "files", "hf")
 FIRST_FETCH = 16  # documents loaded at first; the count doubles while a domain needs more text
 
 

@@ -80,13 +80,13 @@ def run_eval_baselines(
     "answers", "scores", "seconds"}, the baselines' metrics with their plan's bpw)}."""
     if not baselines:
         raise ValueError("eval-baselines: no uniform baselines to evaluate; run baselines")
-    chunks, probes, prompts = eval_inputs(reference_dir, calibration_dir, cfg)
+    heldout, probes, prompts = eval_inputs(reference_dir, calibration_dir, cfg)
     checkpoints = {"reference": reference_dir, **baselines}
-    models = evaluate_checkpoints(checkpoints, chunks, probes, prompts, checkpoints, cfg)
+    models = evaluate_checkpoints(checkpoints, heldout, probes, prompts, checkpoints, cfg)
     for name, path in baselines.items():
         metrics = models[name]["metrics"]
         metrics.update(prediction_metrics(metrics, read_plan(path)))
-    return {"heldout_tokens": sum(c.size for c in chunks), "probes": probe_records(probes),
+    return {"heldout_tokens": heldout.tokens, "probes": probe_records(probes),
             "models": models}
 
 
@@ -119,10 +119,10 @@ def run_eval(
     uniform4 = uniform4_name(plans["mixed"])
     if uniform4 not in baselines:
         raise ValueError(f"eval: no {uniform4} baseline among {sorted(baselines)}; run baselines")
-    chunks, probes, prompts = eval_inputs(reference_dir, calibration_dir, cfg)
-    heldout_tokens = sum(c.size for c in chunks)
+    heldout, probes, prompts = eval_inputs(reference_dir, calibration_dir, cfg)
+    heldout_tokens = heldout.tokens
     check_stored(stored, baselines, heldout_tokens, probes)
-    run = evaluate_checkpoints({"reference": reference_dir, "mixed": mixed_dir}, chunks, probes,
+    run = evaluate_checkpoints({"reference": reference_dir, "mixed": mixed_dir}, heldout, probes,
                                prompts, ["mixed"], cfg)
     mixed = run["mixed"]
     mixed["metrics"].update(prediction_metrics(mixed["metrics"], plans["mixed"]))

@@ -6,14 +6,14 @@ PNGs)."""
 import logging
 from pathlib import Path
 
-from mixq.cli import setup_logging
+from mixq.log import setup_stage
 from mixq.config import load_params
 from mixq.eval_report import summary_markdown, write_outputs
 from mixq.eval_runs import BASELINE_RESULTS, baseline_dirs, run_eval
 from mixq.io import read_json
 from mixq.memory import set_budget
 
-setup_logging()
+setup_stage()
 params = load_params()
 set_budget(params.memory.logits_gb)
 cfg = params.eval

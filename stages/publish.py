@@ -5,12 +5,12 @@ import logging
 import os
 from pathlib import Path
 
-from mixq.cli import setup_logging
+from mixq.log import setup_stage
 from mixq.config import load_params
 from mixq.io import atomic_dir
 from mixq.publish import PublishError, build_folder, commit_message, push_folder
 
-setup_logging()
+setup_stage()
 log = logging.getLogger("mixq")
 cfg = load_params()
 out = Path("outputs/publish")

@@ -36,6 +36,7 @@ from mixq.eval_runs import (
     uniform4_name,
 )
 from mixq.evaluate import (
+    HELDOUT_KEYS,
     eval_inputs,
     evaluate_checkpoints,
     forward_logits,
@@ -47,7 +48,7 @@ from mixq.evaluate import (
     stored_logits,
 )
 from mixq.io import read_json, write_json
-from mixq.measure import split_chunks
+from mixq.kl import split_chunks
 from mixq.probes import make_probes
 
 FOUR, EIGHT = (candidate_dict({"bits": b, "group_size": 64, "mode": "affine"}) for b in (4, 8))
@@ -160,10 +161,11 @@ def mixed_quant(source: Path, out: Path) -> Path:
 
 
 def small_calibration(source: Path, out: Path) -> Path:
-    """calibrate's output at ``out`` for ``source``'s tokenizer: 4 held-out windows of 48
-    tokens (reasoning and tool-call chats)."""
+    """calibrate's output at ``out`` for ``source``'s tokenizer: 4 in-distribution held-out
+    windows of 48 tokens (reasoning and tool-call chats) and 2 of other sources."""
     cal_cfg = CalibrationConfig(domains=["reasoning", "tool_call"], samples_per_domain=1,
-                                heldout_per_domain=2, seq_len=48)
+                                refine_per_domain=0, heldout_per_domain=2,
+                                heldout_other_per_source=1, seq_len=48)
     write_calibration(build_calibration(load_tokenizer(source), cal_cfg, 2048), out, "smollm2",
                       cal_cfg)
     return out
@@ -195,7 +197,10 @@ def test_split_stages_give_the_numbers_of_one_pass(smollm2_dir, smollm2_quants, 
         assert {k: got["metrics"][k] for k in want["metrics"]} == want["metrics"], name
         assert (got["answers"], got["scores"]) == (want["answers"], want["scores"]), name
         assert len(got["answers"]) == len(probes) and all(got["answers"])
-    assert split["metrics"]["mixed"]["kl_mean"] > 0.0 and split["metrics"]["heldout_tokens"] == 192
+    assert split["metrics"]["heldout_tokens"] == 6 * 48
+    mixed_metrics = split["metrics"]["mixed"]
+    assert mixed_metrics["kl_mean"] > 0.0 and mixed_metrics["id_kl_mean"] > 0.0
+    assert mixed_metrics["kl_mean"] != mixed_metrics["id_kl_mean"]  # two splits, two numbers
     assert split["reference_rerun"]["heldout"] > 0
 
 
@@ -233,7 +238,7 @@ def test_eval_writes_flat_metrics_with_deltas_and_predictions(tiny_run):
     u4, u8 = (f"uniform-{c['name']}" for c in (FOUR, EIGHT))
     assert [k for k, v in metrics.items() if isinstance(v, dict)] == [
         "reference", "mixed", u4, u8, "delta_vs_uniform4", "delta_vs_same_size"]
-    heldout = {"kl_mean", "kl_p95", "kl_max", "ppl", "top1", "size_bytes", "kernels"}
+    heldout = {*HELDOUT_KEYS, "size_bytes", "kernels"}
     for name in ("reference", "mixed", u4, u8):
         m = metrics[name]
         assert heldout <= set(m), name
@@ -254,7 +259,7 @@ def test_eval_writes_flat_metrics_with_deltas_and_predictions(tiny_run):
     # 8-bit attention only: uniform 4-bit is 0.7% smaller, within the 3% of "same size"
     assert metrics["uniform4"] == metrics["same_size"] == metrics["closest_size"] == u4
     assert metrics["delta_vs_same_size"] == delta and -0.03 < metrics["closest_size_bpw_gap"] < 0
-    assert metrics["heldout_tokens"] == 4 * 48
+    assert metrics["heldout_tokens"] == 6 * 48
     assert metrics["seconds"] > 0
 
 
