@@ -27,12 +27,12 @@ from mlx_lm.utils import load_model
 
 from mixq.allocate import allocate, uniform_plan
 from mixq.budget import dtype_bits
-from mixq.calibration import read_calibration
+from mixq.artifacts import read_calibration
 from mixq.cli import setup_logging
 from mixq.config import Candidate, MeasureConfig, QuantConfig, ScaleConfig
 from mixq.evaluate import forward_logits, heldout_metrics, record_logits
 from mixq.io import read_json
-from mixq.measure import split_chunks
+from mixq.kl import split_chunks
 from mixq.quantize import fake_quantize
 from mixq.scale import write_scaled_model
 from mixq.sensitivity import measure_sensitivity
@@ -84,6 +84,27 @@ def load_weights(model_dir: Path) -> dict:
     return dict(tree_flatten(model.parameters()))
 
 
+def clip_scaled(scaled_dir: Path, out: Path, tokens, cfg: ScaleConfig, config: dict) -> dict:
+    """Clip an already scaled model (its scale search's time added from its report)."""
+    from mlx_lm.utils import save_model
+
+    from mixq.io import write_json
+    from mixq.scale import SCALE_REPORT, scale_model
+
+    scaled = read_json(scaled_dir / SCALE_REPORT)
+    model, _ = load_model(scaled_dir)
+    report = scale_model(model, config["model_type"], tokens, cfg, DTYPE, search_scales=False)
+    out.mkdir(parents=True, exist_ok=True)
+    save_model(out, model, donate_model=True)
+    for f in scaled_dir.iterdir():
+        if f.is_file() and f.suffix != ".safetensors" and f.name != SCALE_REPORT:
+            (out / f.name).write_bytes(f.read_bytes())
+    report = {**report, "clip_seconds": report["seconds"],
+              "seconds": report["seconds"] + scaled["seconds"], "scaled_from": str(scaled_dir)}
+    write_json(out / SCALE_REPORT, report)
+    return report
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="outputs/model")
@@ -97,6 +118,8 @@ def main() -> None:
     ap.add_argument("--out", default=str(OUT))
     ap.add_argument("--work", default=None, help="keep the scaled models here and reuse them")
     ap.add_argument("--skip-baselines", action="store_true")
+    ap.add_argument("--clip-scaled", default=None, help="clip this already scaled model (the "
+                    "same as scaling and clipping at once) instead of scaling from scratch")
     args = ap.parse_args()
     setup_logging()
     model_dir, cal_dir = Path(args.model), Path(args.calibration)
@@ -107,7 +130,13 @@ def main() -> None:
     budgets = [float(b) for b in args.budgets.split(",")]
     quant = QuantConfig()
     dbits = dtype_bits(DTYPE)
-    table0 = read_json(Path(args.sensitivity))
+    if args.sensitivity == "compute":  # fisher on the original model, this calibration
+        t = time.time()
+        table0 = measure_sensitivity(model_dir, cal_dir, quant,
+                                     MeasureConfig(method="fisher", reference="float"))
+        log.info("fisher on the original model in %.0fs", time.time() - t)
+    else:
+        table0 = read_json(Path(args.sensitivity))
     results: list[dict] = []
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="awq-bench-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -148,6 +177,8 @@ def main() -> None:
         if (out / "mixq_scale.json").exists():
             report = read_json(out / "mixq_scale.json")
             log.info("reusing %s (scaled in %.0fs)", out, report["seconds"])
+        elif clip and args.clip_scaled:
+            report = clip_scaled(Path(args.clip_scaled), out, tokens, cfg, config)
         else:
             report = write_scaled_model(model_dir, out, tokens, cfg, DTYPE)
         name = f"AWQ scale@{bits}" + (" + clip" if clip else "")

@@ -144,6 +144,13 @@ class ScaleConfig:
     clip: bool = False
     samples: Optional[int] = None
 
+    def __post_init__(self) -> None:
+        check_candidates("scale", [self])
+        if self.n_grid < 1:
+            raise ValidationError(f"scale.n_grid must be at least 1, not {self.n_grid}")
+        if self.samples is not None and self.samples < 1:
+            raise ValidationError(f"scale.samples must be null or at least 1, not {self.samples}")
+
 
 @dataclass
 class MeasureConfig:

@@ -135,12 +135,14 @@ def _quantized_error(block: nn.Module, x: mx.array, mask: Any, target: mx.array,
 
 
 def scale_model(
-    model: nn.Module, model_type: str, tokens: np.ndarray, cfg: ScaleConfig, dtype: str
+    model: nn.Module, model_type: str, tokens: np.ndarray, cfg: ScaleConfig, dtype: str,
+    search_scales: bool = True,
 ) -> dict:
     """Scale (and with ``cfg.clip`` clip) ``model`` in place with mlx-lm's AWQ search on
     calibration ``tokens`` [N, T]. Returns a report: whether it ran, per block the output error
     of the block quantized at ``cfg.bits`` before and after, blocks that fell back (as mlx-lm's
-    ``awq_quantize``, a block whose error grew keeps its original weights), seconds."""
+    ``awq_quantize``, a block whose error grew keeps its original weights), seconds.
+    ``search_scales=False`` only clips (an already scaled model: the same as both at once)."""
     t0 = time.time()
     awq = awq_config(model_type)
     if not cfg.enabled or awq is None:
@@ -164,7 +166,8 @@ def scale_model(
         target = _capture_layer_inputs(block, x, mask)
         original = tree_flatten(block.parameters())
         before = _quantized_error(block, x, mask, target, quantize)
-        scale_block(block, awq.scale_configs, quantize, {"mask": mask}, cfg.n_grid)
+        if search_scales:
+            scale_block(block, awq.scale_configs, quantize, {"mask": mask}, cfg.n_grid)
         if cfg.clip:
             clip_block(block, awq.no_clip, quantize, cfg.group_size, cfg.n_grid)
         _drop_layer_inputs(block)

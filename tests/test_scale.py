@@ -15,9 +15,8 @@ from mlx.utils import tree_flatten
 from conftest import save_tiny_llama, tiny_gemma3, tiny_llama, tiny_moe, tiny_qwen3
 from mixq.config import Candidate, ScaleConfig
 from mixq.layers import quantizable_layers
-from mixq.measure import token_kl
+from mixq.kl import reference_logits, token_kl
 from mixq.quantize import fake_quantize
-from mixq.reference import reference_logits
 from mixq.scale import SCALE_REPORT, scale_model, write_scaled_model
 
 FAST = ScaleConfig(bits=4, n_grid=10)
