@@ -115,7 +115,7 @@ def hashhop(model, tokenizer, configs: dict, n: int, tokens: int, hops: int) -> 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawTextHelpFormatter)
-    parser.add_argument("--model", type=Path, default=Path("outputs/quant"))
+    parser.add_argument("--model", type=Path, default=Path("outputs/refined"))
     parser.add_argument("--kv", type=Path, default=Path("outputs/kv"))
     parser.add_argument("--calibration", type=Path, default=Path("outputs/calibration"))
     parser.add_argument("--probes", type=int, default=8)

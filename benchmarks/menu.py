@@ -4,7 +4,7 @@ One fisher sensitivity pass over a wide menu (affine 2/3/4/5/6/8 bits x group 32
 mxfp4, nvfp4, mxfp8), then for each sub-menu and target bpw: allocate (mixq's optimal
 allocator), convert (bf16 scales) and score on calibrate's held-out splits against the float
 model. A sub-menu's plan only depends on its own candidates' rows, so one measurement serves
-every menu. Prints a markdown table and writes benchmarks/results/menu.json.
+every menu. Prints a markdown table and adds its rows to benchmarks/results/menu.json.
 
     python benchmarks/menu.py                      # ~15 min on the 2-core CI machine
 """
@@ -37,6 +37,7 @@ MENUS = {
     "2/3/4/5/6/8 g64": affine((2, 3, 4, 5, 6, 8)),
     "3/4/5/6/8 g32/64/128": affine((3, 4, 5, 6, 8), (32, 64, 128)),
     "2-8 g32/64/128 + fp": AFFINE + FLOAT,
+    "3/4/5/6/8 g64 + fp (default)": affine((3, 4, 5, 6, 8)) + FLOAT,
 }
 
 
@@ -91,7 +92,10 @@ def main() -> None:
         print(f"| {row['menu']} | {row['target_bpw']} | {row['bpw']:.3f} | {row['kl_mean']:.4f} "
               f"| {row['kl_p95']:.3f} | {row['id_kl_mean']:.4f} | {row['predicted_kl']:.4f} "
               f"| {used} |")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)  # merged with earlier runs' rows
+    earlier = json.loads(args.out.read_text())["rows"] if args.out.exists() else []
+    done = {(r["menu"], r["target_bpw"]) for r in rows}
+    rows = [r for r in earlier if (r["menu"], r["target_bpw"]) not in done] + rows
     args.out.write_text(json.dumps({"fisher_seconds": fisher_seconds, "rows": rows}, indent=2))
 
 

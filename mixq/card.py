@@ -182,26 +182,40 @@ def split_metrics(metrics: Mapping[str, Any]) -> tuple[dict, dict]:
     is one, else the file's top-level mappings."""
     if "quants" in metrics:
         return dict(metrics["quants"]), {k: v for k, v in metrics.items() if k != "quants"}
-    quants = {k: v for k, v in metrics.items() if isinstance(v, Mapping)}
+    quants = {k: v for k, v in metrics.items() if isinstance(v, Mapping) and k != "skipped_tasks"}
     return quants, {k: v for k, v in metrics.items() if k not in quants}
 
 
-def cell(key: str, value: float | int) -> str:
-    """A metric value; differences (keys naming a ``delta``) carry their sign."""
+def cell(key: str, value: Any) -> str:
+    """A metric value; differences (keys naming a ``delta``) carry their sign; an interval
+    ``[lo, hi]`` (keys ending ``_ci``) shows both ends."""
+    if isinstance(value, list):
+        return "[" + ", ".join(cell(key, v) for v in value) + "]"
     sign = "+" if "delta" in key else ""
     return f"{value:{sign}d}" if isinstance(value, int) else f"{value:{sign}.5g}"
+
+
+def intervals(obj: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, list]]:
+    """``(dotted.key, [lo, hi])`` for every interval (a ``*_ci`` key) in a nested mapping."""
+    for key, value in obj.items():
+        if isinstance(value, Mapping):
+            yield from intervals(value, f"{prefix}{key}.")
+        elif key.endswith("_ci") and isinstance(value, list) and len(value) == 2:
+            yield f"{prefix}{key}", value
 
 
 def benchmark_section(metrics: Mapping[str, Any]) -> str:
     """One column per quant of the eval metrics, one row per numeric key any of them has;
     the file's other numbers and strings, in order, as settings."""
     quants, rest = split_metrics(metrics)
-    columns = {name: dict(numeric_leaves(m)) for name, m in quants.items()}
+    columns = {name: {**dict(numeric_leaves(m)), **dict(intervals(m))}
+               for name, m in quants.items()}
     keys = list(dict.fromkeys(k for values in columns.values() for k in values))
     rows = [
         [f"`{key}`", *(cell(key, v[key]) if key in v else "–" for v in columns.values())]
         for key in keys
     ]
+    skipped = rest.pop("skipped_tasks", {})
     settings = [
         f"{k} `{v}`" if isinstance(v, str) else f"{k} `{num(v)}`"
         for key, value in rest.items()
@@ -211,11 +225,18 @@ def benchmark_section(metrics: Mapping[str, Any]) -> str:
         "## Benchmarks",
         "",
         "From the eval stage (`mixq/eval.json`), columns named as there; `delta` rows are the "
-        "differences to uniform 4-bit that it reports.",
+        "differences to uniform 4-bit that it reports. `*_ci`: confidence intervals (bootstrap over "
+        "the held-out windows or the problems; for a delta, of the paired difference on the "
+        "same ones): a delta whose interval holds 0 is noise. Size is in every column: "
+        "`size_bytes`, `bpw`.",
         "",
         table(["metric", *(f"`{name}`" for name in columns)], rows)
         if rows else "The eval metrics hold no per-quant numbers.",
     ]
+    if skipped:
+        lines += ["", "Tasks not asked of the quants (at chance for the float reference, they "
+                  "cannot tell quants apart): "
+                  + "; ".join(f"`{task}`: {why}" for task, why in skipped.items()) + "."]
     if settings:
         lines += ["", f"Evaluation settings: {', '.join(settings)}."]
     return "\n".join(lines)
@@ -275,7 +296,7 @@ def recipe_section(run: Mapping[str, Any]) -> str:
         "```bash",
         "bash scripts/setup.sh && . .venv/bin/activate",
         f"mixq compose \\\n  {overrides}",
-        "dvc repro publish  # prepare-model, calibrate, measure-kl, allocate, convert, "
+        "dvc repro publish  # prepare-model, calibrate, measure-kl, allocate, convert, refine, "
         "baselines, eval, publish",
         "```",
         *(["", "Local paths are shown as `path/to/<name>`: point them at your own copies."]

@@ -101,10 +101,19 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def run_generate(args: argparse.Namespace) -> None:
-    """`mixq generate`: load the model with its KV config, stream the completion to stdout."""
+    """`mixq generate`: load the model with its KV config, stream the completion to stdout.
+    Bad arguments and unreadable files end it with one line naming them."""
     from mixq.runtime import generate, load
 
-    model, tokenizer, kv_config = load(args.model, args.kv_config)
+    if args.max_tokens < 1:
+        raise SystemExit(f"mixq generate: --max-tokens must be at least 1, not {args.max_tokens}")
+    if not (args.model / "config.json").is_file():
+        what = "does not exist" if not args.model.exists() else "has no config.json"
+        raise SystemExit(f"mixq generate: model directory {args.model} {what}")
+    try:
+        model, tokenizer, kv_config = load(args.model, args.kv_config)
+    except (OSError, ValueError) as err:  # json.JSONDecodeError is a ValueError
+        raise SystemExit(f"mixq generate: {err}")
     text = generate(model, tokenizer, args.prompt, kv_config, args.max_tokens, args.temp,
                     verbose=args.verbose)  # verbose: mlx-lm streams the text and its stats
     if not args.verbose:

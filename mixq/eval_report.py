@@ -57,6 +57,8 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
 def fmt(value: Any, spec: str = ".4g", sign: bool = False) -> str:
     if value is None:
         return "–"
+    if isinstance(value, list):  # a 95% interval [lo, hi]
+        return "[" + ", ".join(fmt(v, spec, sign) for v in value) + "]"
     return f"{value:{'+' if sign else ''}{spec}}" if isinstance(value, (int, float)) else str(value)
 
 
@@ -65,8 +67,8 @@ def summary_markdown(result: Mapping[str, Any], cfg: EvalConfig) -> str:
     (the baselines' from eval-baselines, plus eval's second pass of the reference)."""
     metrics, models, tasks = result["metrics"], result["models"], list(cfg.tasks)
     columns = [("size MB", "size_bytes", 1e-6, ".1f"), ("bpw", "bpw", 1, ".3f"),
-               ("KL mean", "kl_mean", 1, ".4f"), ("KL p95", "kl_p95", 1, ".4f"),
-               ("ppl", "ppl", 1, ".3f"), ("top-1", "top1", 1, ".3f"),
+               ("KL mean", "kl_mean", 1, ".4f"), ("95% CI", "kl_mean_ci", 1, ".4f"),
+               ("KL p95", "kl_p95", 1, ".4f"), ("ppl", "ppl", 1, ".3f"), ("top-1", "top1", 1, ".3f"),
                ("in-dist. KL mean", "id_kl_mean", 1, ".4f"), ("in-dist. ppl", "id_ppl", 1, ".3f"),
                *((t, t, 1, ".3f") for t in tasks), ("capability", "capability", 1, ".3f")]
 
@@ -97,13 +99,19 @@ def summary_markdown(result: Mapping[str, Any], cfg: EvalConfig) -> str:
         f"as {', '.join(sorted(kernels))}, float32 activations. Probes answered by {probed}: "
         f"{cfg.samples_per_task} per task (seed {cfg.seed}), greedy, at most {cfg.max_tokens} "
         f"new tokens; mean prompt tokens: {lengths}; hashhop {cfg.hashhop_hops} hops; code "
-        f"tests time out after {cfg.code_timeout} s{sandbox}.", "",
+        f"tests time out after {cfg.code_timeout} s{sandbox}."
+        + "".join(f" Not asked of the quants: {task} ({why}: at chance, it cannot tell them "
+                  "apart)." for task, why in metrics.get("skipped_tasks", {}).items()), "",
         markdown_table(["model", *(c[0] for c in columns)],
                        [[n, *cells(metrics[n])] for n in models]), "",
         f"## Δ vs `{uniform4}`", "",
         markdown_table(["model", *(c[0] for c in columns)],
-                       [[n, *cells(deltas(metrics[n], metrics[uniform4], keys), True)]
+                       [[n, *cells({**deltas(metrics[n], metrics[uniform4], keys),
+                                     **(metrics["delta_vs_uniform4"] if n == "mixed" else {})},
+                                    True)]
                         for n in models if n != uniform4]), "",
+        "Intervals: 95%, bootstrap over the held-out windows (and problems); in the Δ table, of "
+        "the paired difference on the same windows.", "",
         f"Uniform quant at the same on-disk size: {same}.", "",
         "## Predicted vs measured KL", "",
         "Predicted: the plan's sum of per-layer KLs (measured one layer at a time on the "

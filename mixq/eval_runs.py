@@ -18,9 +18,10 @@ from typing import Any, Iterable, Mapping
 
 from mixq.budget import candidate_name
 from mixq.config import EvalConfig
-from mixq.evaluate import HELDOUT_KEYS, eval_inputs, evaluate_checkpoints
+from mixq.evaluate import HELDOUT_KEYS, HELDOUT_SPLITS, eval_inputs, evaluate_checkpoints
 from mixq.io import read_json
 from mixq.probes import Probe
+from mixq.stats import paired_delta
 
 SAME_SIZE_TOLERANCE = 0.03  # a baseline within 3% of the mixed bpw counts as "same size"
 BASELINE_RESULTS = "results.json"  # the file of eval-baselines' output folder
@@ -62,8 +63,24 @@ def prediction_metrics(metrics: Mapping[str, Any], plan: Mapping[str, Any]) -> d
 
 
 def deltas(model: Mapping[str, Any], base: Mapping[str, Any], keys: Iterable[str]) -> dict:
-    """``model - base`` for the ``keys`` both have."""
-    return {k: model[k] - base[k] for k in keys if k in model and k in base}
+    """``model - base`` for the numeric ``keys`` both have."""
+    return {k: model[k] - base[k] for k in keys
+            if isinstance(model.get(k), (int, float)) and isinstance(base.get(k), (int, float))}
+
+
+def paired_cis(model: Mapping[str, Any], base: Mapping[str, Any], probes: list[Probe]) -> dict:
+    """95% intervals of ``model - base`` on the same units: held-out KL over the same windows
+    (``<prefix>kl_mean_ci``), each task's score over the same problems (``<task>_ci``)."""
+    out = {}
+    for prefix in HELDOUT_SPLITS.values():
+        a, b = model["metrics"][f"{prefix}kl_windows"], base["metrics"][f"{prefix}kl_windows"]
+        out[f"{prefix}kl_mean_ci"] = paired_delta(a, b)["ci"]
+    if model["scores"] and base["scores"]:
+        for task in dict.fromkeys(p.task for p in probes):
+            pairs = [(a, b) for p, a, b in zip(probes, model["scores"], base["scores"])
+                     if p.task == task]
+            out[f"{task}_ci"] = paired_delta(*zip(*pairs))["ci"]
+    return out
 
 
 def probe_records(probes: list[Probe]) -> list[dict[str, str]]:
@@ -75,7 +92,8 @@ def run_eval_baselines(
     reference_dir: Path, baselines: Mapping[str, Path], calibration_dir: Path, cfg: EvalConfig
 ) -> dict[str, Any]:
     """Evaluate the reference and the uniform ``baselines`` (name -> checkpoint dir with a
-    ``mixq/`` sidecar) on the held-out tokens and every probe. Returns (JSON-ready)
+    ``mixq/`` sidecar) on the held-out tokens and every probe of a task the reference does not
+    score 0 on (:func:`mixq.evaluate.evaluate_checkpoints`). Returns (JSON-ready)
     {"heldout_tokens", "probes" (:func:`probe_records`), "models" (name -> {"metrics",
     "answers", "scores", "seconds"}, the baselines' metrics with their plan's bpw)}."""
     if not baselines:
@@ -122,6 +140,9 @@ def run_eval(
     heldout, probes, prompts = eval_inputs(reference_dir, calibration_dir, cfg)
     heldout_tokens = heldout.tokens
     check_stored(stored, baselines, heldout_tokens, probes)
+    skipped = stored["models"]["reference"].get("skipped_tasks", {})
+    kept = [i for i, p in enumerate(probes) if p.task not in skipped]
+    probes, prompts = [probes[i] for i in kept], [prompts[i] for i in kept]
     run = evaluate_checkpoints({"reference": reference_dir, "mixed": mixed_dir}, heldout, probes,
                                prompts, ["mixed"], cfg)
     mixed = run["mixed"]
@@ -132,11 +153,14 @@ def run_eval(
     same, gap = closest_in_size({n: plans[n]["summary"]["bpw"] for n in baselines},
                                 plans["mixed"]["summary"]["bpw"])
     same_size = same if abs(gap) <= SAME_SIZE_TOLERANCE else None
-    metrics: dict[str, Any] = {name: m["metrics"] for name, m in models.items()}
+    metrics: dict[str, Any] = {  # per-window KLs serve the paired intervals, not metrics.json
+        name: {k: v for k, v in m["metrics"].items() if not k.endswith("kl_windows")}
+        for name, m in models.items()}
     compared = [*HELDOUT_KEYS, *cfg.tasks, "capability", "size_bytes", "bpw"]
-    metrics["delta_vs_uniform4"] = deltas(metrics["mixed"], metrics[uniform4], compared)
-    if same_size:
-        metrics["delta_vs_same_size"] = deltas(metrics["mixed"], metrics[same_size], compared)
+    for key, base in (("delta_vs_uniform4", uniform4), ("delta_vs_same_size", same_size)):
+        if base:
+            metrics[key] = {**deltas(metrics["mixed"], metrics[base], compared),
+                            **paired_cis(mixed, models[base], probes)}
     rerun = run["reference"]["seconds"]
     metrics.update({
         "uniform4": uniform4,
@@ -145,6 +169,7 @@ def run_eval(
         "closest_size_bpw_gap": gap,
         "heldout_tokens": heldout_tokens,
         "samples_per_task": cfg.samples_per_task,
+        "skipped_tasks": skipped,
         "seconds": sum(sum(m["seconds"].values()) for m in models.values()) + sum(rerun.values()),
     })
     return {"metrics": metrics, "models": models, "probes": probes, "plans": plans,

@@ -41,6 +41,7 @@ from mixq.artifacts import read_calibration
 from mixq.chat import chat_tokens
 from mixq.config import EvalConfig
 from mixq.kl import kl_summary, reference_logits, split_chunks, token_kl
+from mixq.stats import bootstrap_ci
 from mixq.memory import FORWARD_COPIES, logit_rows, vocab_size
 from mixq.probes import Probe, make_probes, score
 from mixq.runtime import for_this_device
@@ -121,12 +122,16 @@ def heldout_metrics(
             agree.append(np.array(same))
         last.append((np.arange(chunk.size) % chunk.shape[1]) == chunk.shape[1] - 1)
     kl, nll, same, last = map(np.concatenate, (kls, nlls, agree, last))
-    metrics = {}
+    metrics: dict[str, Any] = {}
+    window = chunks[0].shape[1]
     for prefix, mask in (groups or {"": np.ones(len(kl), bool)}).items():
         summary = kl_summary(kl[mask])
         metrics.update({f"{prefix}kl_{k}": v for k, v in summary.items()})
         metrics[f"{prefix}ppl"] = math.exp(float(nll[mask & ~last].mean()))
         metrics[f"{prefix}top1"] = float(same[mask].mean())
+        windows = kl[mask].reshape(-1, window).mean(axis=1)  # the unit of the intervals
+        metrics[f"{prefix}kl_mean_ci"] = bootstrap_ci(windows)
+        metrics[f"{prefix}kl_windows"] = windows.tolist()
     return metrics
 
 
@@ -160,11 +165,14 @@ def generate_answers(
     return [tokenizer.decode(tokens[uid]) for uid in uids]
 
 
-def task_scores(probes: list[Probe], scores: list[float]) -> dict[str, float]:
-    """Mean score per task, in the probes' task order, and ``capability``: their mean."""
+def task_scores(probes: list[Probe], scores: list[float]) -> dict[str, Any]:
+    """Mean score per task, in the probes' task order, ``capability`` (their mean) and per
+    task ``<task>_ci``, the 95% interval of its mean over its problems."""
     tasks = list(dict.fromkeys(p.task for p in probes))
-    means = {t: float(np.mean([s for p, s in zip(probes, scores) if p.task == t])) for t in tasks}
-    return {**means, "capability": float(np.mean(list(means.values())))}
+    per_task = {t: [s for p, s in zip(probes, scores) if p.task == t] for t in tasks}
+    means = {t: float(np.mean(s)) for t, s in per_task.items()}
+    return {**means, "capability": float(np.mean(list(means.values()))),
+            **{f"{t}_ci": bootstrap_ci(s) for t, s in per_task.items()}}
 
 
 @dataclass
@@ -241,13 +249,23 @@ def eval_inputs(
     return HeldOut(split_chunks(np.concatenate(windows), per_forward), groups), probes, prompts
 
 
+def tasks_at_chance(probes: list[Probe], scores: list[float]) -> dict[str, str]:
+    """Tasks the reference scored nothing on (every probe task is generative: chance is 0),
+    with the reason: no quant of it can be told apart there, so they are not asked."""
+    means = task_scores(probes, scores)
+    counts = {t: sum(p.task == t for p in probes) for t in means if t != "capability"}
+    return {t: f"the float reference scored 0 of {n}" for t, n in counts.items() if means[t] == 0}
+
+
 def evaluate_checkpoints(
     checkpoints: Mapping[str, Path], heldout: HeldOut, probes: list[Probe],
     prompts: list[list[int]], probed: Collection[str], cfg: EvalConfig,
 ) -> dict[str, dict[str, Any]]:
     """:func:`evaluate_model` of every checkpoint (name -> dir) in order, the first being the
     reference whose logits the others are compared with; only the ``probed`` ones answer the
-    probes. Returns name -> result without logits."""
+    probes; with ``cfg.skip_at_chance`` (and the reference probed) only those of tasks the
+    reference did not score 0 on: the others are listed with the reason as the reference's
+    ``skipped_tasks``. Returns name -> result without logits."""
     models: dict[str, dict] = {}
     reference = None
     with tempfile.TemporaryDirectory(prefix="mixq-eval-") as tmp:
@@ -255,6 +273,18 @@ def evaluate_checkpoints(
             asked = probes if name in probed else []
             result = evaluate_model(name, Path(path), heldout, reference, asked, prompts, cfg,
                                     Path(tmp))
+            if reference is None and asked and cfg.skip_at_chance:
+                result["skipped_tasks"] = skipped = tasks_at_chance(asked, result["scores"])
+                kept = [i for i, p in enumerate(probes) if p.task not in skipped]
+                probes, prompts = [probes[i] for i in kept], [prompts[i] for i in kept]
+                for key in ("answers", "scores"):  # the probes every model answers, in order
+                    result[key] = [result[key][i] for i in kept]
+                result["metrics"].pop("capability")  # the mean over the tasks still asked
+                if kept:
+                    capability = task_scores(probes, result["scores"])["capability"]
+                    result["metrics"]["capability"] = capability
+                if skipped:
+                    log.info("not asked of the quants: %s", skipped)
             reference = result.pop("reference")
             models[name] = result
             log.info("%s: %s", name, {k: v for k, v in result["metrics"].items()

@@ -1,7 +1,8 @@
 """KL(reference || model) per token, exact enough for 8-bit layers, from logits [..., V].
 
 Used by measure-kl (per layer), kv-sensitivity (per KV cache) and eval (per quant). Sums run
-in float64 (:func:`token_kl`), which MLX has on the CPU only.
+in float64 (:func:`token_kl`), which MLX has on the CPU only, so these two functions run on the
+CPU stream whatever the default device (on Apple silicon its memory is the GPU's: no copy).
 """
 
 from __future__ import annotations
@@ -28,10 +29,11 @@ class LogitsRef(NamedTuple):
 
 
 def reference_logits(logits: mx.array) -> LogitsRef:
-    z = logits.astype(mx.float32)
-    lse = mx.logsumexp(z.astype(mx.float64), axis=-1)
-    p = mx.exp(z - lse.astype(mx.float32)[..., None])
-    return LogitsRef(p, z, lse, p.astype(mx.float64).sum(-1))
+    with mx.stream(mx.cpu):
+        z = logits.astype(mx.float32)
+        lse = mx.logsumexp(z.astype(mx.float64), axis=-1)
+        p = mx.exp(z - lse.astype(mx.float32)[..., None])
+        return LogitsRef(p, z, lse, p.astype(mx.float64).sum(-1))
 
 
 def token_kl(ref: LogitsRef, z: mx.array) -> mx.array:
@@ -44,17 +46,18 @@ def token_kl(ref: LogitsRef, z: mx.array) -> mx.array:
     > LARGE_SHIFT where a word's float32 p may have underflowed) use log E_p[exp d] =
     logsumexp(z) - lse_ref instead.
     """
-    z = z.astype(mx.float32)
-    d = z - ref.z
-    mean_d = (ref.p * d).astype(mx.float64).sum(-1) / ref.psum
-    m = mean_d.astype(mx.float32)
-    s = (ref.p * mx.expm1(d - m[..., None])).astype(mx.float64).sum(-1) / ref.psum
-    kl = mx.log1p(mx.maximum(s, -0.5)) - (mean_d - m)
-    drastic = (s < -0.5) | (d.max(-1) > LARGE_SHIFT)
-    if mx.any(drastic).item():
-        direct = mx.logsumexp(z.astype(mx.float64), axis=-1) - ref.lse - mean_d
-        kl = mx.where(drastic, direct, kl)
-    return mx.maximum(kl, 0.0).astype(mx.float32)
+    with mx.stream(mx.cpu):
+        z = z.astype(mx.float32)
+        d = z - ref.z
+        mean_d = (ref.p * d).astype(mx.float64).sum(-1) / ref.psum
+        m = mean_d.astype(mx.float32)
+        s = (ref.p * mx.expm1(d - m[..., None])).astype(mx.float64).sum(-1) / ref.psum
+        kl = mx.log1p(mx.maximum(s, -0.5)) - (mean_d - m)
+        drastic = (s < -0.5) | (d.max(-1) > LARGE_SHIFT)
+        if mx.any(drastic).item():
+            direct = mx.logsumexp(z.astype(mx.float64), axis=-1) - ref.lse - mean_d
+            kl = mx.where(drastic, direct, kl)
+        return mx.maximum(kl, 0.0).astype(mx.float32)
 
 
 def kl_summary(kl: np.ndarray) -> dict[str, float]:

@@ -1,4 +1,4 @@
-"""DVC stage baselines: uniform comparison quants (every candidate, and affine 4-bit) ->
+"""DVC stage baselines: uniform comparison quants (quant.baselines, and affine 4-bit) ->
 outputs/baselines/uniform-<candidate>/. Independent of the budget, so sweeps reuse it."""
 
 from pathlib import Path

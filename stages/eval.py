@@ -1,4 +1,4 @@
-"""DVC stage eval: outputs/quant (mixed) against outputs/model (reference) on the held-out split
+"""DVC stage eval: outputs/refined (mixed) against outputs/model (reference) on the held-out split
 of outputs/calibration and the probes, merged with the baseline results of
 outputs/eval-baselines -> outputs/eval/ (metrics.json, summary.md, samples.jsonl, plot data and
 PNGs)."""
@@ -17,7 +17,7 @@ setup_stage()
 params = load_params()
 set_budget(params.memory.logits_gb)
 cfg = params.eval
-result = run_eval(Path("outputs/model"), Path("outputs/quant"),
+result = run_eval(Path("outputs/model"), Path("outputs/refined"),
                   baseline_dirs(Path("outputs/baselines")),
                   read_json(Path("outputs/eval-baselines") / BASELINE_RESULTS),
                   Path("outputs/calibration"), cfg)

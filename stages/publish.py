@@ -1,4 +1,4 @@
-"""DVC stage publish: outputs/quant + card inputs -> outputs/publish/ (the Hub repo folder with
+"""DVC stage publish: outputs/refined + card inputs -> outputs/publish/ (the Hub repo folder with
 its model card); uploads it when publish.push is true, with the token in HF_TOKEN."""
 
 import logging
@@ -17,7 +17,7 @@ out = Path("outputs/publish")
 with atomic_dir(out) as tmp:
     repo_id = build_folder(
         tmp, cfg,
-        quant_dir=Path("outputs/quant"),
+        quant_dir=Path("outputs/refined"),
         source_file=Path("outputs/model/mixq_source.json"),
         manifest=Path("outputs/calibration/manifest.json"),
         metrics=Path("outputs/eval/metrics.json"),
