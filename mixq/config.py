@@ -173,6 +173,30 @@ class QuantConfig:
 
 
 @dataclass
+class ScaleConfig:
+    """awq-scale (:mod:`mixq.scale`): mlx-lm's AWQ scale search, folded into an equivalent
+    float model that measure-kl and convert read. ``bits``/``group_size``/``mode``: what the
+    search quantizes with; ``n_grid``: search points; ``clip``: also clip weight ranges (changes
+    the float model); ``samples``: calibration sequences used (null: all); ``enabled: false``
+    passes the model through unchanged."""
+
+    enabled: bool = True
+    bits: int = 4
+    group_size: int = 64
+    mode: str = "affine"
+    n_grid: int = 20
+    clip: bool = False
+    samples: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        check_candidates("scale", [self])
+        if self.n_grid < 1:
+            raise ValidationError(f"scale.n_grid must be at least 1, not {self.n_grid}")
+        if self.samples is not None and self.samples < 1:
+            raise ValidationError(f"scale.samples must be null or at least 1, not {self.samples}")
+
+
+@dataclass
 class MeasureConfig:
     """How measure-kl scores layers; ``shards``: how many independent DVC stages
     (``measure-kl@0`` ... ``measure-kl@{shards-1}``) split the layers between them, balanced by
@@ -301,6 +325,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     quant: QuantConfig = field(default_factory=QuantConfig)
+    scale: ScaleConfig = field(default_factory=ScaleConfig)
     measure: MeasureConfig = field(default_factory=MeasureConfig)
     refine: RefineConfig = field(default_factory=RefineConfig)
     kv: KVConfig = field(default_factory=KVConfig)

@@ -1,4 +1,4 @@
-"""DVC stage convert: outputs/model + outputs/plan -> outputs/quant/ (the mixed checkpoint)."""
+"""DVC stage convert: outputs/scaled-model + outputs/plan -> outputs/quant/ (the mixed checkpoint)."""
 
 from pathlib import Path
 
@@ -11,6 +11,6 @@ setup_stage()
 plan = read_json(Path("outputs/plan/plan.json"))
 table = read_json(Path("outputs/sensitivity/sensitivity.json"))
 with atomic_dir(Path("outputs/quant")) as out:
-    report = write_checkpoint(Path("outputs/model"), out, plan, table, load_params().quant.dtype)
+    report = write_checkpoint(Path("outputs/scaled-model"), out, plan, table, load_params().quant.dtype)
 report["smoke_test"] = smoke_test(Path("outputs/quant"))  # after the verified quant is in place
 write_json(Path("outputs/metrics/convert.json"), report)

@@ -1,4 +1,4 @@
-"""DVC stage measure-kl@<i>: outputs/model + outputs/calibration -> outputs/measure-shards/<i>/
+"""DVC stage measure-kl@<i>: outputs/scaled-model + outputs/calibration -> outputs/measure-shards/<i>/
 (the shard table of shard i of measure.shards; measure-kl-merge joins the shards)."""
 
 import sys
@@ -18,7 +18,7 @@ params = load_params()
 set_budget(params.memory.logits_gb)
 shard = int(sys.argv[1])
 table = measure_sensitivity(
-    Path("outputs/model"), Path("outputs/calibration"), params.quant, params.measure, shard
+    Path("outputs/scaled-model"), Path("outputs/calibration"), params.quant, params.measure, shard
 )
 with atomic_dir(Path("outputs/measure-shards") / str(shard)) as tmp:
     write_json(tmp / SHARD_FILE, table)

@@ -29,6 +29,9 @@ BAD = {
     "calibration.source=s3": "calibration.source='s3' is not one of builtin, files, hf",
     "calibration.domains=[prose,poetry]": "calibration.domains[]='poetry'",
     "quant.targt_bpw=5": "targt_bpw",
+    "scale.bits=7": "scale[] affine bits=7 is not one of",
+    "scale.n_grid=0": "scale.n_grid must be at least 1",
+    "scale=awqq": "awqq",
 }
 
 

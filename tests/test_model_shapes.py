@@ -15,8 +15,9 @@ from conftest import (
     copy_project, executed, run, save_tiny_llama, tiny_gemma3, tiny_qwen3, with_tokenizer,
 )
 
-ALL_STAGES = {"prepare-model", "calibrate", "measure-kl@0", "measure-kl-merge", "allocate",
-              "convert", "refine", "baselines", "kv-sensitivity", "eval-baselines", "eval", "publish"}
+ALL_STAGES = {"prepare-model", "calibrate", "awq-scale", "measure-kl@0", "measure-kl-merge",
+              "allocate", "convert", "refine", "baselines", "kv-sensitivity", "eval-baselines",
+              "eval", "publish"}
 SHAPES = {
     # name: (builder, architecture, chat template, global KV caches, sliding-window caches,
     #        default KV candidates dropped at its head_dim)
@@ -86,3 +87,12 @@ def test_card_has_the_models_identity_and_no_local_paths(pipeline):
     assert "## KV cache" in card
     assert ("Skipped caches" in card) == bool(SHAPES[shape][4])
     assert ("Candidates dropped" in card) == bool(SHAPES[shape][5])
+
+
+def test_awq_scale_scaled_every_block(pipeline):
+    """Both shapes have an mlx-lm AWQ config (qwen3, gemma3_text with its sliding-window
+    masks): awq-scale searched every block; convert read the scaled model."""
+    shape, project = pipeline
+    report = read(project, "outputs/scaled-model/mixq_scale.json")
+    assert report["scaled"] is True
+    assert [b["block"] for b in report["blocks"]] == list(range({"gemma3": 6, "qwen3": 4}[shape]))

@@ -25,8 +25,8 @@ def project(tiny_llama_dir, tmp_path_factory) -> Path:
 def test_params_changes_rerun_only_their_stages(project, tiny_llama_dir):
     compose(project, tiny_llama_dir)
     first = run(["dvc", "repro", *STAGES_TO], project)
-    assert executed(first) == {"prepare-model", "calibrate", "measure-kl@0", "measure-kl-merge",
-                               "allocate", "convert", "baselines"}
+    assert executed(first) == {"prepare-model", "calibrate", "awq-scale", "measure-kl@0",
+                               "measure-kl-merge", "allocate", "convert", "baselines"}
 
     compose(project, tiny_llama_dir, "calibration.seed=1")
     log = run(["dvc", "repro", *STAGES_TO], project)
@@ -36,7 +36,7 @@ def test_params_changes_rerun_only_their_stages(project, tiny_llama_dir):
     compose(project, tiny_llama_dir)  # revert: everything comes back from the run cache
     log = run(["dvc", "repro", *STAGES_TO], project)
     assert executed(log) == set()
-    assert {"calibrate", "measure-kl@0", "measure-kl-merge"} <= restored(log)
+    assert {"calibrate", "awq-scale", "measure-kl@0", "measure-kl-merge"} <= restored(log)
 
     compose(project, tiny_llama_dir, "quant.target_bpw=6.0")
     log = run(["dvc", "repro", *STAGES_TO], project)

@@ -15,7 +15,7 @@ import pytest
 
 from conftest import copy_project, executed, git_commit, run
 
-UPSTREAM = {"prepare-model", "calibrate", "measure-kl@0", "measure-kl-merge", "baselines",
+UPSTREAM = {"prepare-model", "calibrate", "awq-scale", "measure-kl@0", "measure-kl-merge", "baselines",
             "eval-baselines"}
 POINT = {"allocate", "convert", "refine", "kv-sensitivity", "eval", "publish"}
 
