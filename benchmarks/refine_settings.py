@@ -84,7 +84,7 @@ def main() -> None:
             before = checkpoint_metrics(args.quant, refs)
             header = ("| lr | batch | steps | train tokens | "
                       + " | ".join(f"KL {s}" for s in splits) + " | s/step | CPU s/step |")
-            rows.append(f"| – | – | 0 | 0 | "
+            rows.append("| – | – | 0 | 0 | "
                         + " | ".join(f"{before[s]['kl_mean']:.4f}" for s in splits) + " | | |")
         student, _ = load_student(args.quant)
         opt = None
