@@ -262,8 +262,8 @@ class RefineConfig:
     validation loss uses the first batch of them). ``steps=0`` disables it (convert's
     checkpoint is written unchanged)."""
 
-    steps: int = 100
-    batch_size: int = 4
+    steps: int = 25
+    batch_size: int = 2
     learning_rate: float = 1e-5
     temperature: float = 2.0
     split: str = "refine"
