@@ -86,7 +86,7 @@ class ModelConfig:
     id: str = MISSING
     revision: Optional[str] = None
     dtype: str = "float32"
-    # derived at compose time (conf/config.yaml): what prepare-model depends on in dvc.yaml
+    # derived at compose time (conf/model/, conf/calibration/): what prepare-model depends on in dvc.yaml
     dep: Optional[str] = None
 
     def __post_init__(self) -> None:
@@ -117,7 +117,7 @@ class CalibrationConfig:
     hf_repo: Optional[str] = None
     hf_revision: Optional[str] = None
     hf_files: Dict[str, str] = field(default_factory=dict)
-    # derived at compose time (conf/config.yaml): what calibrate depends on in dvc.yaml
+    # derived at compose time (conf/model/, conf/calibration/): what calibrate depends on in dvc.yaml
     files_dep: Optional[str] = None
 
     def __post_init__(self) -> None:
