@@ -669,7 +669,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             "give 3 steps: not run (--dwq-steps N to run it)")
 
     if not args.no_mixq:
-        targets = sorted({math.floor(r["bpw"] * 1e4) / 1e4 for r in rows} | set(args.mixq_targets or []))
+        # each peer's exact bpw (allocate stays at or below it); equal sizes once
+        wanted = [r["bpw"] for r in rows] + list(args.mixq_targets or [])
+        targets = sorted({f"{t:.4f}": t for t in sorted(wanted, reverse=True)}.values())
         for text in args.candidates or ["params"]:
             menu = parse_menu(text, params.quant)
             tag = menu_tag(menu)
