@@ -542,6 +542,41 @@ def markdown(rows: Sequence[Mapping], splits: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
+LABEL_OFFSETS = [(7, 3), (7, -10), (-7, 3), (-7, -10), (7, 13), (7, -20), (-7, 13),
+                 (-7, -20), (7, 23), (7, -30), (-7, 23), (-7, -30), (20, 33), (20, -40)]
+
+
+def label_points(ax, points) -> None:
+    """Label each (text, x, y) at the first offset whose text box overlaps no earlier label
+    (with a leader line when it is moved away from the point)."""
+    from matplotlib.text import Text
+
+    fig = ax.figure
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    placed = []
+    for text, x, y in points:
+        right = ax.transAxes.inverted().transform(ax.transData.transform((x, y)))[0] > 0.8
+        for dx, dy in LABEL_OFFSETS:
+            dx = -abs(dx) if right else dx
+            far = abs(dy) > 12
+            a = ax.annotate(text, (x, y), xytext=(dx, dy), textcoords="offset points",
+                            fontsize=7, ha="left" if dx > 0 else "right", va="center",
+                            arrowprops={"arrowstyle": "-", "lw": 0.5, "color": "0.5"}
+                            if far else None)
+            a.update_positions(renderer)
+            box = Text.get_window_extent(a, renderer).expanded(1.05, 1.2)  # text, no leader
+            if not any(box.overlaps(b) for b in placed):
+                placed.append(box)
+                break
+            a.remove()
+        else:
+            a = ax.annotate(text, (x, y), xytext=LABEL_OFFSETS[0], textcoords="offset points",
+                            fontsize=7)
+            a.update_positions(renderer)
+            placed.append(Text.get_window_extent(a, renderer))
+
+
 def plot(rows: Sequence[Mapping], splits: Sequence[str], path: Path) -> None:
     import matplotlib
 
@@ -549,7 +584,7 @@ def plot(rows: Sequence[Mapping], splits: Sequence[str], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     splits = [s for s in splits if any(s in r for r in rows)]
-    fig, axes = plt.subplots(1, len(splits), figsize=(7.5 * len(splits), 6.5), squeeze=False)
+    fig, axes = plt.subplots(1, len(splits), figsize=(9 * len(splits), 7.5), squeeze=False)
     for ax, split in zip(axes[0], splits):
         peers = [r for r in rows if r["kind"] != "mixq" and split in r]
         kinds = sorted({r["kind"] for r in peers})
@@ -558,13 +593,10 @@ def plot(rows: Sequence[Mapping], splits: Sequence[str], path: Path) -> None:
             pts = [r for r in peers if r["kind"] == k]
             ax.scatter([r["bytes"] / 1e6 for r in pts], [r[split]["kl_mean"] for r in pts],
                        marker=markers[k], s=40, label=k, zorder=3)
-        for i, r in enumerate(sorted(peers, key=lambda r: r["bpw"])):
-            ax.annotate(r["label"], (r["bytes"] / 1e6, r[split]["kl_mean"]), fontsize=7,
-                        xytext=(6, -9 if i % 2 else 5), textcoords="offset points")
         series = sorted({r["series"] for r in rows if r["kind"] == "mixq"})
         for s in series:
-            pts = sorted((r for r in rows if r.get("series") == s and split in r),
-                         key=lambda r: r["bytes"])
+            pts = sorted((r for r in rows if r["kind"] == "mixq" and r.get("series") == s
+                          and split in r), key=lambda r: r["bytes"])
             ax.plot([r["bytes"] / 1e6 for r in pts], [r[split]["kl_mean"] for r in pts],
                     "-", marker=".", lw=1.8, label=f"mixq {s}", zorder=2)
         ax.set_xscale("log")
@@ -576,7 +608,13 @@ def plot(rows: Sequence[Mapping], splits: Sequence[str], path: Path) -> None:
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8, loc="upper right")
     fig.suptitle("mixq vs stock mlx-lm quants (bf16 scales)")
-    fig.tight_layout()
+    fig.tight_layout()  # before labelling: the labels are placed in final pixels
+    for ax, split in zip(axes[0], splits):
+        ax.set_xlim(ax.get_xlim())
+        ax.set_ylim(ax.get_ylim())
+        peers = sorted((r for r in rows if r["kind"] != "mixq" and split in r),
+                       key=lambda r: r["bpw"])
+        label_points(ax, [(r["label"], r["bytes"] / 1e6, r[split]["kl_mean"]) for r in peers])
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
