@@ -705,7 +705,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     dwq = None
     if args.dwq_steps == 0 and selected("dwq-probe", args.only, args.skip):
         dwq = dwq_probe(ctx)
-        skipped["dwq-4"] = (
+        skipped["dwq-4"] = dwq["what"] + ": not run (--dwq-steps N to run it)" if \
+            not dwq.get("finished", True) else (
             f"one training step on this CPU (4x256 tokens, quantized student) plus two "
             f"validation passes took {dwq['one_step_plus_two_validations_s']:.0f} s (a float "
             f"forward of the batch {dwq['float_forward_s']:.1f} s); mlx_lm.dwq's defaults are "
