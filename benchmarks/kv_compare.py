@@ -31,12 +31,13 @@ from tqdm import tqdm
 
 from mixq.allocate import uniform_plan
 from mixq.budget import DTYPE_BITS
-from mixq.calibration import read_calibration
+from mixq.artifacts import read_calibration
 from mixq.config import KVConfig
 from mixq.evaluate import prompt_tokens
 from mixq.io import read_json
 from mixq.kv import kv_config, kv_plan, kv_sequences, layer_kl, prefill_chunks
-from mixq.measure import build_reference, kl_summary
+from mixq.kl import kl_summary
+from mixq.measure import build_reference
 from mixq.probes import hashhop_probe, score_hashhop
 from mixq.runtime import cache_for, load
 
@@ -114,7 +115,7 @@ def hashhop(model, tokenizer, configs: dict, n: int, tokens: int, hops: int) -> 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawTextHelpFormatter)
-    parser.add_argument("--model", type=Path, default=Path("outputs/quant"))
+    parser.add_argument("--model", type=Path, default=Path("outputs/refined"))
     parser.add_argument("--kv", type=Path, default=Path("outputs/kv"))
     parser.add_argument("--calibration", type=Path, default=Path("outputs/calibration"))
     parser.add_argument("--probes", type=int, default=8)

@@ -26,12 +26,11 @@ from tqdm import tqdm
 
 from mixq.budget import candidate_name
 from mixq.calibration import build_calibration
-from mixq.config import CalibrationConfig, Candidate, MeasureConfig, ModelConfig
+from mixq.config import CalibrationConfig, Candidate, ModelConfig
 from mixq.fisher import measure_fisher
 from mixq.layers import applicable_candidates, get_module, quantizable_layers
-from mixq.measure import (
-    build_reference, kl_summary, measure_layer_kl, sliced_kl, split_chunks,
-)
+from mixq.kl import kl_summary, sliced_kl, split_chunks
+from mixq.measure import build_reference, measure_layer_kl
 from mixq.prepare import prepare_model
 from mixq.quantize import fake_quantize
 from mixq.sensitivity import spearman

@@ -182,7 +182,7 @@ def split_metrics(metrics: Mapping[str, Any]) -> tuple[dict, dict]:
     is one, else the file's top-level mappings."""
     if "quants" in metrics:
         return dict(metrics["quants"]), {k: v for k, v in metrics.items() if k != "quants"}
-    quants = {k: v for k, v in metrics.items() if isinstance(v, Mapping)}
+    quants = {k: v for k, v in metrics.items() if isinstance(v, Mapping) and k != "skipped_tasks"}
     return quants, {k: v for k, v in metrics.items() if k not in quants}
 
 
@@ -202,6 +202,7 @@ def benchmark_section(metrics: Mapping[str, Any]) -> str:
         [f"`{key}`", *(cell(key, v[key]) if key in v else "–" for v in columns.values())]
         for key in keys
     ]
+    skipped = rest.pop("skipped_tasks", {})
     settings = [
         f"{k} `{v}`" if isinstance(v, str) else f"{k} `{num(v)}`"
         for key, value in rest.items()
@@ -216,6 +217,10 @@ def benchmark_section(metrics: Mapping[str, Any]) -> str:
         table(["metric", *(f"`{name}`" for name in columns)], rows)
         if rows else "The eval metrics hold no per-quant numbers.",
     ]
+    if skipped:
+        lines += ["", "Tasks not asked of the quants (at chance for the float reference, they "
+                  "cannot tell quants apart): "
+                  + "; ".join(f"`{task}`: {why}" for task, why in skipped.items()) + "."]
     if settings:
         lines += ["", f"Evaluation settings: {', '.join(settings)}."]
     return "\n".join(lines)
@@ -275,7 +280,7 @@ def recipe_section(run: Mapping[str, Any]) -> str:
         "```bash",
         "bash scripts/setup.sh && . .venv/bin/activate",
         f"mixq compose \\\n  {overrides}",
-        "dvc repro publish  # prepare-model, calibrate, measure-kl, allocate, convert, "
+        "dvc repro publish  # prepare-model, calibrate, measure-kl, allocate, convert, refine, "
         "baselines, eval, publish",
         "```",
         *(["", "Local paths are shown as `path/to/<name>`: point them at your own copies."]

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import mixq  # noqa: F401  (loads OpenBLAS before mlx)
 from mixq.config import load_params
+from mixq.log import setup_logging
 
 log = logging.getLogger("mixq")
 
@@ -44,14 +45,6 @@ def describe_config_error(err: Exception) -> str:
     message = str(cause).splitlines()[0] if str(cause) else type(cause).__name__
     key = getattr(cause, "full_key", None)
     return f"{key}: {message}" if key and key not in message else message
-
-
-def setup_logging(verbose: bool = False) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(name)s %(levelname)s %(message)s",
-        datefmt="%H:%M:%S",
-    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -108,10 +101,19 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def run_generate(args: argparse.Namespace) -> None:
-    """`mixq generate`: load the model with its KV config, stream the completion to stdout."""
+    """`mixq generate`: load the model with its KV config, stream the completion to stdout.
+    Bad arguments and unreadable files end it with one line naming them."""
     from mixq.runtime import generate, load
 
-    model, tokenizer, kv_config = load(args.model, args.kv_config)
+    if args.max_tokens < 1:
+        raise SystemExit(f"mixq generate: --max-tokens must be at least 1, not {args.max_tokens}")
+    if not (args.model / "config.json").is_file():
+        what = "does not exist" if not args.model.exists() else "has no config.json"
+        raise SystemExit(f"mixq generate: model directory {args.model} {what}")
+    try:
+        model, tokenizer, kv_config = load(args.model, args.kv_config)
+    except (OSError, ValueError) as err:  # json.JSONDecodeError is a ValueError
+        raise SystemExit(f"mixq generate: {err}")
     text = generate(model, tokenizer, args.prompt, kv_config, args.max_tokens, args.temp,
                     verbose=args.verbose)  # verbose: mlx-lm streams the text and its stats
     if not args.verbose:

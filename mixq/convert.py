@@ -143,9 +143,9 @@ def smoke_test(ckpt_dir: Path, prompt: str = "What is the capital of France?") -
 
 
 def baseline_candidates(quant: QuantConfig) -> list[dict]:
-    """Uniform comparison quants: every configured candidate, plus affine 4-bit at the
-    smallest configured affine group size (64 if none) when it is not among them."""
-    candidates = [candidate_dict(c) for c in quant.candidates]
-    groups = [c["group_size"] for c in candidates if c["mode"] == "affine"]
+    """Uniform comparison quants: ``quant.baselines``, plus affine 4-bit at the smallest
+    affine group size of the mix's candidates (64 if none) when it is not among them."""
+    candidates = [candidate_dict(c) for c in quant.baselines]
+    groups = [c.group_size for c in quant.candidates if c.mode == "affine"]
     four = candidate_dict({"bits": 4, "group_size": min(groups, default=64), "mode": "affine"})
     return candidates + ([four] if four not in candidates else [])

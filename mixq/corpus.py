@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ast
 import functools
+import importlib.metadata
 import itertools
 import os
 import random
@@ -162,3 +163,55 @@ GENERATORS: dict[str, Callable[[random.Random], Iterator[dict]]] = {
     "tool_call": tool_call_documents,
     "constraints": constraint_documents,
 }
+
+
+# Held-out text from other sources than the calibration mix (which is the standard library's
+# docstrings and code plus generated chats): the documentation and the source code of the
+# pinned, pure-Python packages mixq installs, so it is the same text on every machine.
+OTHER_SOURCE_PACKAGES = ("mlx_lm", "hydra_core", "gguf")  # exact pins in pyproject.toml
+OTHER_SOURCES = ("docs", "library_code")
+SECTION_CHARS = (200, 6000)
+HEADING = re.compile(r"^(?=#{1,3} )", re.MULTILINE)
+
+
+def package_docs() -> list[str]:
+    """The Markdown documents of :data:`OTHER_SOURCE_PACKAGES`: each package's long description
+    (its README, the body of its ``METADATA``) and the ``.md`` files it ships, in a fixed order."""
+    texts = []
+    for name in OTHER_SOURCE_PACKAGES:
+        dist = importlib.metadata.distribution(name)
+        texts.append(dist.read_text("METADATA").partition("\n\n")[2])
+        texts += [(dist.locate_file(f)).read_text("utf-8") for f in sorted(dist.files or [], key=str)
+                  if f.suffix == ".md" and "dist-info" not in str(f)]
+    return texts
+
+
+def package_sources() -> list[Path]:
+    """The ``.py`` files of :data:`OTHER_SOURCE_PACKAGES`, sorted."""
+    found = []
+    for name in OTHER_SOURCE_PACKAGES:
+        dist = importlib.metadata.distribution(name)
+        found += [Path(dist.locate_file(f)) for f in dist.files or [] if f.suffix == ".py"]
+    return sorted(found)
+
+
+def other_source_documents(source: str) -> Iterator[dict]:
+    """Documents of one other source (:data:`OTHER_SOURCES`), in a fixed seeded order
+    independent of the calibration settings: ``docs``, the packages' Markdown cut into
+    sections at its headings (200 to 6000 characters); ``library_code``, one whole function or
+    class per package source file."""
+    rng = random.Random(f"heldout_other:{source}")
+    if source == "docs":
+        sections = [s.strip() for text in package_docs() for s in HEADING.split(text)]
+        sections = [s for s in sections if SECTION_CHARS[0] <= len(s) <= SECTION_CHARS[1]]
+        rng.shuffle(sections)
+        yield from ({"text": s} for s in sections)
+    elif source == "library_code":
+        sources = package_sources()
+        rng.shuffle(sources)
+        for path in sources:
+            definitions = code_definitions(path)
+            if definitions:
+                yield {"text": rng.choice(definitions)}
+    else:
+        raise ValueError(f"unknown other source {source!r} (known: {', '.join(OTHER_SOURCES)})")

@@ -67,6 +67,7 @@ def summary_markdown(result: Mapping[str, Any], cfg: EvalConfig) -> str:
     columns = [("size MB", "size_bytes", 1e-6, ".1f"), ("bpw", "bpw", 1, ".3f"),
                ("KL mean", "kl_mean", 1, ".4f"), ("KL p95", "kl_p95", 1, ".4f"),
                ("ppl", "ppl", 1, ".3f"), ("top-1", "top1", 1, ".3f"),
+               ("in-dist. KL mean", "id_kl_mean", 1, ".4f"), ("in-dist. ppl", "id_ppl", 1, ".3f"),
                *((t, t, 1, ".3f") for t in tasks), ("capability", "capability", 1, ".3f")]
 
     keys = [k for _, k, _, _ in columns]
@@ -90,11 +91,15 @@ def summary_markdown(result: Mapping[str, Any], cfg: EvalConfig) -> str:
     sandbox = f", sandbox {available_isolation().mode}" if "code" in cfg.tasks else ""
     lines = [
         "# Evaluation", "",
-        f"{metrics['heldout_tokens']} held-out tokens (calibrate's held-out split). Quants run "
+        f"{metrics['heldout_tokens']} held-out tokens: KL, ppl and top-1 on text from other "
+        "sources than the calibration mix (package docs and library code), in-dist. on held-out "
+        "documents of the calibration domains. Quants run "
         f"as {', '.join(sorted(kernels))}, float32 activations. Probes answered by {probed}: "
         f"{cfg.samples_per_task} per task (seed {cfg.seed}), greedy, at most {cfg.max_tokens} "
         f"new tokens; mean prompt tokens: {lengths}; hashhop {cfg.hashhop_hops} hops; code "
-        f"tests time out after {cfg.code_timeout} s{sandbox}.", "",
+        f"tests time out after {cfg.code_timeout} s{sandbox}."
+        + "".join(f" Not asked of the quants: {task} ({why}: at chance, it cannot tell them "
+                  "apart)." for task, why in metrics.get("skipped_tasks", {}).items()), "",
         markdown_table(["model", *(c[0] for c in columns)],
                        [[n, *cells(metrics[n])] for n in models]), "",
         f"## Δ vs `{uniform4}`", "",

@@ -75,18 +75,19 @@ def run_eval_baselines(
     reference_dir: Path, baselines: Mapping[str, Path], calibration_dir: Path, cfg: EvalConfig
 ) -> dict[str, Any]:
     """Evaluate the reference and the uniform ``baselines`` (name -> checkpoint dir with a
-    ``mixq/`` sidecar) on the held-out tokens and every probe. Returns (JSON-ready)
+    ``mixq/`` sidecar) on the held-out tokens and every probe of a task the reference does not
+    score 0 on (:func:`mixq.evaluate.evaluate_checkpoints`). Returns (JSON-ready)
     {"heldout_tokens", "probes" (:func:`probe_records`), "models" (name -> {"metrics",
     "answers", "scores", "seconds"}, the baselines' metrics with their plan's bpw)}."""
     if not baselines:
         raise ValueError("eval-baselines: no uniform baselines to evaluate; run baselines")
-    chunks, probes, prompts = eval_inputs(reference_dir, calibration_dir, cfg)
+    heldout, probes, prompts = eval_inputs(reference_dir, calibration_dir, cfg)
     checkpoints = {"reference": reference_dir, **baselines}
-    models = evaluate_checkpoints(checkpoints, chunks, probes, prompts, checkpoints, cfg)
+    models = evaluate_checkpoints(checkpoints, heldout, probes, prompts, checkpoints, cfg)
     for name, path in baselines.items():
         metrics = models[name]["metrics"]
         metrics.update(prediction_metrics(metrics, read_plan(path)))
-    return {"heldout_tokens": sum(c.size for c in chunks), "probes": probe_records(probes),
+    return {"heldout_tokens": heldout.tokens, "probes": probe_records(probes),
             "models": models}
 
 
@@ -119,10 +120,13 @@ def run_eval(
     uniform4 = uniform4_name(plans["mixed"])
     if uniform4 not in baselines:
         raise ValueError(f"eval: no {uniform4} baseline among {sorted(baselines)}; run baselines")
-    chunks, probes, prompts = eval_inputs(reference_dir, calibration_dir, cfg)
-    heldout_tokens = sum(c.size for c in chunks)
+    heldout, probes, prompts = eval_inputs(reference_dir, calibration_dir, cfg)
+    heldout_tokens = heldout.tokens
     check_stored(stored, baselines, heldout_tokens, probes)
-    run = evaluate_checkpoints({"reference": reference_dir, "mixed": mixed_dir}, chunks, probes,
+    skipped = stored["models"]["reference"].get("skipped_tasks", {})
+    kept = [i for i, p in enumerate(probes) if p.task not in skipped]
+    probes, prompts = [probes[i] for i in kept], [prompts[i] for i in kept]
+    run = evaluate_checkpoints({"reference": reference_dir, "mixed": mixed_dir}, heldout, probes,
                                prompts, ["mixed"], cfg)
     mixed = run["mixed"]
     mixed["metrics"].update(prediction_metrics(mixed["metrics"], plans["mixed"]))
@@ -145,6 +149,7 @@ def run_eval(
         "closest_size_bpw_gap": gap,
         "heldout_tokens": heldout_tokens,
         "samples_per_task": cfg.samples_per_task,
+        "skipped_tasks": skipped,
         "seconds": sum(sum(m["seconds"].values()) for m in models.values()) + sum(rerun.values()),
     })
     return {"metrics": metrics, "models": models, "probes": probes, "plans": plans,

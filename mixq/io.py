@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import shutil
 from pathlib import Path
 from typing import Any, Iterator
@@ -15,6 +16,9 @@ def atomic_dir(out_dir: Path) -> Iterator[Path]:
     is removed and ``out_dir`` is left as it was (a crash never leaves a half-written output)."""
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
+    if tmp.exists():
+        logging.getLogger("mixq").warning("removing %s: what a killed run of this stage had "
+                                          "written (never a result)", tmp)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:

@@ -14,7 +14,7 @@ For each such layer and candidate only that layer's cache is a ``QuantizedKVCach
 sequences (calibration windows of several domains joined) are run through the caches in
 prefill chunks as generation does, so later chunks attend the quantized keys and values of
 earlier ones. KL(unquantized-KV model || quantized-KV model) per token is
-:func:`mixq.measure.token_kl` (in slices: :func:`mixq.measure.sliced_kl`) against one recorded
+:func:`mixq.kl.token_kl` (in slices: :func:`mixq.kl.sliced_kl`) against one recorded
 reference pass; blocks before the layer are replayed from it (their input does not change).
 Rows are journaled under ``cache_root()/kv/<key>`` so a killed run resumes. The model computes
 in float32 (on CPU with its weights dequantized, :func:`mixq.runtime.for_this_device`); the KV
@@ -46,14 +46,14 @@ from tqdm import tqdm
 
 from mixq.allocate import InfeasibleTargetError, allocate, uniform_plan
 from mixq.budget import DTYPE_BITS, candidate_dict
-from mixq.calibration import read_calibration
+from mixq.artifacts import read_calibration
 from mixq.config import Candidate, KVConfig, MeasureConfig, QuantConfig
+from mixq.kl import kl_summary, sliced_kl
 from mixq.measure import (
-    Reference, append_journal, build_reference, kl_summary, logits_with_replay,
-    measurement_key, read_journal, sliced_kl,
+    Reference, append_journal, build_reference, cache_root, journal_lock, logits_with_replay,
+    measurement_key, read_journal,
 )
 from mixq.runtime import for_this_device, make_kv_cache
-from mixq.sensitivity import cache_root
 
 log = logging.getLogger("mixq")
 
@@ -225,26 +225,28 @@ def measure_kv(
     ``work_dir/rows.jsonl``. Returns {(index, candidate): {"mean", "p95", "max"}}."""
     work_dir.mkdir(parents=True, exist_ok=True)
     journal = work_dir / "rows.jsonl"
-    done = read_journal(journal)
-    todo = [(layer, c) for layer in layers for c in candidates
-            if layer.fits(c) and (str(layer.index), c["name"]) not in done]
-    if done:
-        log.info("resuming: %d rows in journal %s, %d to go", len(done), journal, len(todo))
-    if todo:
-        t0 = time.time()
-        chunks = prefill_chunks(sequences, chunk_tokens)
-        ref = build_reference(model, chunks, work_dir, make_prompt_cache(model))
-        replay = replay_is_exact(model, ref, [layers[0].index, layers[-1].index])
-        if not replay:
-            log.warning("block replay changes this model's logits: running every block")
-        for layer, c in tqdm(todo, desc="kv-sensitivity", unit="row"):
-            kl = kl_summary(layer_kl(model, ref, {layer.index: c}, layer.index if replay else 0))
-            append_journal(journal, str(layer.index), c["name"], kl)
-            done[(str(layer.index), c["name"])] = kl
-        log.info("measured %d rows in %.1fs", len(todo), time.time() - t0)
-        for name in ("ref_p.npy", "ref_z.npy"):
-            (work_dir / name).unlink(missing_ok=True)
-    return done
+    with journal_lock(journal):  # a second run waits rather than measure the same rows
+        done = read_journal(journal)
+        todo = [(layer, c) for layer in layers for c in candidates
+                if layer.fits(c) and (str(layer.index), c["name"]) not in done]
+        if done:
+            log.info("resuming: %d rows in journal %s, %d to go", len(done), journal, len(todo))
+        if todo:
+            t0 = time.time()
+            chunks = prefill_chunks(sequences, chunk_tokens)
+            ref = build_reference(model, chunks, work_dir, make_prompt_cache(model))
+            replay = replay_is_exact(model, ref, [layers[0].index, layers[-1].index])
+            if not replay:
+                log.warning("block replay changes this model's logits: running every block")
+            for layer, c in tqdm(todo, desc="kv-sensitivity", unit="row"):
+                start = layer.index if replay else 0
+                kl = kl_summary(layer_kl(model, ref, {layer.index: c}, start))
+                append_journal(journal, str(layer.index), c["name"], kl)
+                done[(str(layer.index), c["name"])] = kl
+            log.info("measured %d rows in %.1fs", len(todo), time.time() - t0)
+            for name in ("ref_p.npy", "ref_z.npy"):
+                (work_dir / name).unlink(missing_ok=True)
+        return done
 
 
 def kv_table(

@@ -16,14 +16,17 @@ everything that determines them; a killed run resumes where it stopped.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
+import os
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, NamedTuple
 from pathlib import Path
+from typing import Iterator
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -33,11 +36,17 @@ from tqdm import tqdm
 import mixq
 from mixq.budget import candidate_name
 from mixq.config import Candidate, MeasureConfig
+from mixq.kl import LogitsRef, kl_summary, reference_logits, sliced_kl, split_chunks
 from mixq.layers import Layer, applicable_candidates, quantizable_layers
 from mixq.memory import logit_rows
 from mixq.reference import FloatWeights, quantized_layer
 
 log = logging.getLogger("mixq")
+
+
+def cache_root() -> Path:
+    """Where resume journals live: ``$MIXQ_CACHE`` or ``.mixq-cache`` (outside DVC outputs)."""
+    return Path(os.environ.get("MIXQ_CACHE", ".mixq-cache"))
 
 
 class Replay(nn.Module):
@@ -109,58 +118,6 @@ def record_block_outputs(
     return logits, outputs
 
 
-LARGE_SHIFT = 40.0  # logit shifts beyond this need the direct form (see token_kl)
-
-
-class LogitsRef(NamedTuple):
-    """The reference side of the KL for some tokens: probabilities ``p`` and logits ``z``
-    [..., V] float32; logsumexp ``lse`` and the sum of the stored ``p`` ``psum`` [...] float64
-    (MLX's float32 softmax sums to 1 only within ~4e-5, far above 8-bit KLs)."""
-
-    p: mx.array
-    z: mx.array
-    lse: mx.array
-    psum: mx.array
-
-
-def reference_logits(logits: mx.array) -> LogitsRef:
-    z = logits.astype(mx.float32)
-    lse = mx.logsumexp(z.astype(mx.float64), axis=-1)
-    p = mx.exp(z - lse.astype(mx.float32)[..., None])
-    return LogitsRef(p, z, lse, p.astype(mx.float64).sum(-1))
-
-
-def token_kl(ref: LogitsRef, z: mx.array) -> mx.array:
-    """KL(p_ref || softmax(z)) per token [...] for perturbed logits ``z`` [..., V].
-
-    With d = z - z_ref and any shift m: KL = log E_p[exp(d - m)] - (E_p[d] - m). Taking m =
-    E_p[d] (rounded to float32) makes E_p[expm1(d - m)] ~ KL small, so log1p keeps the ~1e-6
-    KLs of 8-bit layers accurate; sums accumulate in float64 and are normalized by the exact
-    sum of p. Tokens the perturbation changes drastically (E_p[exp(d - m)] < 1/2, or a shift
-    > LARGE_SHIFT where a word's float32 p may have underflowed) use log E_p[exp d] =
-    logsumexp(z) - lse_ref instead.
-    """
-    z = z.astype(mx.float32)
-    d = z - ref.z
-    mean_d = (ref.p * d).astype(mx.float64).sum(-1) / ref.psum
-    m = mean_d.astype(mx.float32)
-    s = (ref.p * mx.expm1(d - m[..., None])).astype(mx.float64).sum(-1) / ref.psum
-    kl = mx.log1p(mx.maximum(s, -0.5)) - (mean_d - m)
-    drastic = (s < -0.5) | (d.max(-1) > LARGE_SHIFT)
-    if mx.any(drastic).item():
-        direct = mx.logsumexp(z.astype(mx.float64), axis=-1) - ref.lse - mean_d
-        kl = mx.where(drastic, direct, kl)
-    return mx.maximum(kl, 0.0).astype(mx.float32)
-
-
-def kl_summary(kl: np.ndarray) -> dict[str, float]:
-    return {
-        "mean": float(kl.mean()),
-        "p95": float(np.percentile(kl, 95)),
-        "max": float(kl.max()),
-    }
-
-
 @dataclass
 class Reference:
     """Reference data: per chunk the block outputs (in memory); per token p and z
@@ -180,27 +137,6 @@ class Reference:
         stop = start + self.chunks[c].size
         rows = slice(*[start + i for i in rows.indices(stop - start)[:2]])
         return LogitsRef(*(mx.array(a[rows]) for a in (self.p, self.z, self.lse, self.psum)))
-
-
-def sliced_kl(ref_rows: Callable[[slice], LogitsRef], z: mx.array) -> np.ndarray:
-    """Per-token KL [n] of logits ``z`` [..., V] (n tokens) against ``ref_rows(s)``, the
-    reference of the tokens ``s``, one slice of :func:`mixq.memory.logit_rows` tokens at a time
-    (bounded memory; the same numbers as one :func:`token_kl` of all tokens)."""
-    z = z.reshape(-1, z.shape[-1])
-    step = logit_rows(z.shape[-1])
-    kls = []
-    for start in range(0, len(z), step):
-        rows = slice(start, start + step)
-        kl = token_kl(ref_rows(rows), z[rows])
-        mx.eval(kl)
-        kls.append(np.array(kl))
-    return np.concatenate(kls)
-
-
-def split_chunks(tokens: np.ndarray, chunk_tokens: int) -> list[mx.array]:
-    """Whole sequences [B, T] grouped so each chunk holds about ``chunk_tokens`` tokens."""
-    per_chunk = max(1, chunk_tokens // tokens.shape[1])
-    return [mx.array(tokens[i : i + per_chunk]) for i in range(0, len(tokens), per_chunk)]
 
 
 def build_reference(
@@ -290,6 +226,26 @@ def read_journal(path: Path) -> dict[tuple[str, str], dict]:
     return rows
 
 
+@contextmanager
+def journal_lock(journal: Path) -> Iterator[None]:
+    """Hold ``<journal>.lock`` (an exclusive ``flock``) while a run appends to ``journal``: a
+    second run of the same measurement waits, saying which PID holds it, instead of measuring
+    the same rows into the same file. The kernel drops the lock when its holder dies."""
+    with open(journal.with_name(journal.name + ".lock"), "a+") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            log.warning("%s is in use by PID %s (another run of this measurement): waiting for "
+                        "it", journal, fh.read().strip() or "?")
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        fh.seek(0)
+        fh.truncate()
+        fh.write(str(os.getpid()))
+        fh.flush()
+        yield
+
+
 def append_journal(path: Path, layer_path: str, name: str, kl: dict) -> None:
     with open(path, "a") as fh:
         fh.write(json.dumps({"path": layer_path, "candidate": name, "kl": kl}) + "\n")
@@ -317,6 +273,18 @@ def measure_exact(
     """
     work_dir.mkdir(parents=True, exist_ok=True)
     journal = work_dir / f"{name}.jsonl"
+    with journal_lock(journal):
+        return measure_rows(model, tokens, candidates, dtype, cfg, work_dir, journal, layers,
+                            floats, weights)
+
+
+def measure_rows(
+    model: nn.Module, tokens: np.ndarray, candidates: list[Candidate], dtype: str,
+    cfg: MeasureConfig, work_dir: Path, journal: Path, layers: list[Layer] | None,
+    floats: dict[str, nn.Module] | None, weights: FloatWeights | None,
+) -> dict[tuple[str, str], dict]:
+    """:func:`measure_exact`'s work, with the journal locked; appends to ``journal``."""
+    name = journal.stem
     layers = quantizable_layers(model) if layers is None else layers
     wanted = [(layer, c) for layer in layers for c in applicable_candidates(layer, candidates)]
     keys = {(layer.path, candidate_name(c)) for layer, c in wanted}

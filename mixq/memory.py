@@ -2,7 +2,7 @@
 
 Logit-sized work is every array of one row per token and one column per vocabulary entry:
 the logits of a forward pass, the reference probabilities, the float64 terms of the KL
-(:func:`mixq.measure.token_kl`). With a 262k vocabulary (Gemma 3) one token's row is 1 MB in
+(:func:`mixq.kl.token_kl`). With a 262k vocabulary (Gemma 3) one token's row is 1 MB in
 float32, so eval, measure-kl (exact) and kv-sensitivity work through tokens in slices sized from
 a budget: ``memory.logits_gb`` in params.yaml, or by default :data:`AUTO_FRACTION` of the memory
 MLX may use on this device (``mx.get_memory_limit()``: a share of RAM on CPU, the recommended

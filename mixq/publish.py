@@ -27,7 +27,7 @@ log = logging.getLogger("mixq")
 
 DEFAULT_NAMESPACE = "mixq"  # of the derived repo id: mixq/<model name>-mixq
 # the params that determine the quantized weights (hashed), and those the card shows
-HASHED_SECTIONS = ("model", "calibration", "quant", "measure")
+HASHED_SECTIONS = ("model", "calibration", "quant", "measure", "refine")
 # How the work was split, not what it computed: sharded measure-kl writes the unsharded table.
 UNHASHED_KEYS = {"measure": ("shards", "shard_ids")}
 CARD_SECTIONS = (*HASHED_SECTIONS, "eval")
@@ -123,11 +123,21 @@ def push_folder(
     from huggingface_hub import HfApi
     from huggingface_hub.errors import HfHubHTTPError
 
+    from huggingface_hub import ModelCard
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
     if not token:
         raise PublishError(
             "publish.push is true but HF_TOKEN is not set: export a Hugging Face write token "
             "as HF_TOKEN (nothing was uploaded)"
         )
+    try:  # what can be checked locally is, before any request
+        validate_repo_id(repo_id)
+    except HFValidationError as err:
+        raise PublishError(f"publish.repo_id {repo_id!r}: {err} (nothing was uploaded)") from err
+    missing = [n for n in ("config.json", "README.md") if not (folder / n).is_file()]
+    if missing or not any(folder.glob("*.safetensors")):
+        raise PublishError(f"{folder} lacks {missing or 'weights'} (nothing was uploaded)")
     api = HfApi(token=token)
     try:
         who = api.whoami()
@@ -143,15 +153,27 @@ def push_folder(
         ) from err
     if who.get("auth", {}).get("accessToken", {}).get("role") == "read":
         raise PublishError("HF_TOKEN is a read-only token: use a write token (nothing uploaded)")
+    try:  # the Hub's own check of the card's metadata, before a repo is created
+        ModelCard.load(folder / "README.md").validate()
+    except (ValueError, HfHubHTTPError) as err:
+        raise PublishError(f"the Hub rejects {folder}/README.md: {err} (nothing was uploaded, "
+                           "no repo created)") from err
+    existed = False
     try:
-        api.create_repo(repo_id, private=private, exist_ok=True)
-        if private and not api.model_info(repo_id).private:
+        existed = api.repo_exists(repo_id)
+        if existed and private and not api.model_info(repo_id).private:
             raise PublishError(
                 f"{repo_id} exists and is public but publish.private is true: make it private "
                 "or set publish.private=false (nothing was uploaded)"
             )
+        api.create_repo(repo_id, private=private, exist_ok=True)
         commit = api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=message)
     except HfHubHTTPError as err:
-        raise PublishError(f"uploading to {repo_id} on {api.endpoint} failed: {err}") from err
+        left = (f"{repo_id} existed before and is unchanged (the upload is one commit, which "
+                "did not land)" if existed else
+                f"{repo_id} was created by this run and holds no files of it: re-run to upload, "
+                "or delete the empty repo")
+        raise PublishError(f"uploading to {repo_id} on {api.endpoint} failed: {err}; {left}"
+                           ) from err
     log.info("uploaded %s to %s as %s (%s)", folder, repo_id, who.get("name"), commit.commit_url)
     return commit.commit_url

@@ -103,7 +103,12 @@ def load(
     model, tokenizer = mlx_lm.load(str(model_path))
     if kv_config is None:
         kv_config = find_kv_config(Path(model_path))
-    config = read_json(Path(kv_config)) if kv_config not in (None, "none") else None
+    config = None
+    if kv_config not in (None, "none"):
+        try:
+            config = read_json(Path(kv_config))
+        except (OSError, ValueError) as err:
+            raise ValueError(f"KV config {kv_config}: cannot read it ({err})") from err
     if config is None:
         log.info("no KV config for %s: unquantized KV cache", model_path)
     else:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import csv
 import logging
-import os
 from pathlib import Path
 
 import numpy as np
@@ -15,17 +14,12 @@ from mixq.budget import candidate_dict, candidate_name
 from mixq.config import MeasureConfig, QuantConfig
 from mixq.fisher import measure_fisher
 from mixq.layers import quantizable_layers, unquantized_params
-from mixq.io import atomic_dir, read_json, write_json
-from mixq.measure import first_block_affected, measure_exact, measurement_key
+from mixq.io import atomic_dir, write_json
+from mixq.measure import cache_root, first_block_affected, measure_exact, measurement_key
 from mixq.reference import REFERENCE_BITS, FloatWeights, choose_reference, quantize_reference
 from mixq.shard import layer_costs, shard_layers
 
 log = logging.getLogger("mixq")
-
-
-def cache_root() -> Path:
-    """Where resume journals live: ``$MIXQ_CACHE`` or ``.mixq-cache`` (outside DVC outputs)."""
-    return Path(os.environ.get("MIXQ_CACHE", ".mixq-cache"))
 
 
 def measure_sensitivity(
@@ -110,10 +104,6 @@ def write_table(table: dict, out_dir: Path) -> None:
                         + [kl["mean"], kl["p95"], kl["max"]]
                     )
         plot_sensitivity_heatmap(table, tmp / "heatmap.png")
-
-
-def read_table(path: Path) -> dict:
-    return read_json(path)
 
 
 def spearman(a: np.ndarray, b: np.ndarray) -> float:

@@ -4,15 +4,14 @@ from pathlib import Path
 
 from mixq.allocate import allocate, plan_metrics
 from mixq.budget import dtype_bits
-from mixq.cli import setup_logging
+from mixq.log import setup_stage
 from mixq.config import load_params
-from mixq.io import atomic_dir, write_json
+from mixq.io import atomic_dir, read_json, write_json
 from mixq.plots import plot_bit_map
-from mixq.sensitivity import read_table
 
-setup_logging()
+setup_stage()
 quant = load_params().quant
-table = read_table(Path("outputs/sensitivity/sensitivity.json"))
+table = read_json(Path("outputs/sensitivity/sensitivity.json"))
 plan = allocate(table, quant, dtype_bits(quant.dtype))
 with atomic_dir(Path("outputs/plan")) as out:
     write_json(out / "plan.json", plan)

@@ -5,10 +5,10 @@ from pathlib import Path
 from mlx_lm.utils import load_config, load_tokenizer
 
 from mixq.calibration import build_calibration, write_calibration
-from mixq.cli import setup_logging
+from mixq.log import setup_stage
 from mixq.config import load_params
 
-setup_logging()
+setup_stage()
 model_dir = Path("outputs/model")
 cfg = load_params().calibration
 tokenizer = load_tokenizer(model_dir)

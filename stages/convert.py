@@ -2,12 +2,12 @@
 
 from pathlib import Path
 
-from mixq.cli import setup_logging
+from mixq.log import setup_stage
 from mixq.config import load_params
 from mixq.convert import smoke_test, write_checkpoint
 from mixq.io import atomic_dir, read_json, write_json
 
-setup_logging()
+setup_stage()
 plan = read_json(Path("outputs/plan/plan.json"))
 table = read_json(Path("outputs/sensitivity/sensitivity.json"))
 with atomic_dir(Path("outputs/quant")) as out:

@@ -1,4 +1,4 @@
-"""DVC stage eval: outputs/quant (mixed) against outputs/model (reference) on the held-out split
+"""DVC stage eval: outputs/refined (mixed) against outputs/model (reference) on the held-out split
 of outputs/calibration and the probes, merged with the baseline results of
 outputs/eval-baselines -> outputs/eval/ (metrics.json, summary.md, samples.jsonl, plot data and
 PNGs)."""
@@ -6,18 +6,18 @@ PNGs)."""
 import logging
 from pathlib import Path
 
-from mixq.cli import setup_logging
+from mixq.log import setup_stage
 from mixq.config import load_params
 from mixq.eval_report import summary_markdown, write_outputs
 from mixq.eval_runs import BASELINE_RESULTS, baseline_dirs, run_eval
 from mixq.io import read_json
 from mixq.memory import set_budget
 
-setup_logging()
+setup_stage()
 params = load_params()
 set_budget(params.memory.logits_gb)
 cfg = params.eval
-result = run_eval(Path("outputs/model"), Path("outputs/quant"),
+result = run_eval(Path("outputs/model"), Path("outputs/refined"),
                   baseline_dirs(Path("outputs/baselines")),
                   read_json(Path("outputs/eval-baselines") / BASELINE_RESULTS),
                   Path("outputs/calibration"), cfg)

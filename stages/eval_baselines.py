@@ -5,13 +5,13 @@ metrics, probe answers and scores, timings). Independent of the budget, so sweep
 import logging
 from pathlib import Path
 
-from mixq.cli import setup_logging
+from mixq.log import setup_stage
 from mixq.config import load_params
 from mixq.eval_runs import BASELINE_RESULTS, baseline_dirs, run_eval_baselines
 from mixq.io import atomic_dir, write_json
 from mixq.memory import set_budget
 
-setup_logging()
+setup_stage()
 params = load_params()
 set_budget(params.memory.logits_gb)
 baselines = baseline_dirs(Path("outputs/baselines"))

@@ -1,20 +1,20 @@
-"""DVC stage kv-sensitivity: outputs/quant + outputs/calibration -> outputs/kv/ (per-layer KV
+"""DVC stage kv-sensitivity: outputs/refined + outputs/calibration -> outputs/kv/ (per-layer KV
 cache precision kv_config.json, the KV sensitivity table and its plot)."""
 
 from pathlib import Path
 
-from mixq.cli import setup_logging
+from mixq.log import setup_stage
 from mixq.config import load_params
 from mixq.io import atomic_dir, write_json
 from mixq.kv import kv_metrics, kv_sensitivity
 from mixq.memory import set_budget
 from mixq.plots import plot_kv_sensitivity
 
-setup_logging()
+setup_stage()
 params = load_params()
 set_budget(params.memory.logits_gb)
 kv = params.kv
-table, config = kv_sensitivity(Path("outputs/quant"), Path("outputs/calibration"), kv)
+table, config = kv_sensitivity(Path("outputs/refined"), Path("outputs/calibration"), kv)
 with atomic_dir(Path("outputs/kv")) as out:
     write_json(out / "kv_config.json", config)
     write_json(out / "kv_sensitivity.json", table)

@@ -4,7 +4,7 @@
 import sys
 from pathlib import Path
 
-from mixq.cli import setup_logging
+from mixq.log import setup_stage
 from mixq.config import load_params
 from mixq.io import atomic_dir, write_json
 from mixq.memory import set_budget
@@ -13,7 +13,7 @@ from mixq.shard import SHARD_FILE
 
 if len(sys.argv) != 2 or not sys.argv[1].isdigit():
     raise SystemExit("usage: python stages/measure_kl.py SHARD_INDEX (dvc.yaml passes it)")
-setup_logging()
+setup_stage()
 params = load_params()
 set_budget(params.memory.logits_gb)
 shard = int(sys.argv[1])

@@ -2,9 +2,9 @@
 
 from pathlib import Path
 
-from mixq.cli import setup_logging
+from mixq.log import setup_stage
 from mixq.config import load_params
 from mixq.prepare import prepare_model
 
-setup_logging()
+setup_stage()
 prepare_model(load_params().model, Path("outputs/model"))

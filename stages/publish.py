@@ -1,23 +1,23 @@
-"""DVC stage publish: outputs/quant + card inputs -> outputs/publish/ (the Hub repo folder with
+"""DVC stage publish: outputs/refined + card inputs -> outputs/publish/ (the Hub repo folder with
 its model card); uploads it when publish.push is true, with the token in HF_TOKEN."""
 
 import logging
 import os
 from pathlib import Path
 
-from mixq.cli import setup_logging
+from mixq.log import setup_stage
 from mixq.config import load_params
 from mixq.io import atomic_dir
 from mixq.publish import PublishError, build_folder, commit_message, push_folder
 
-setup_logging()
+setup_stage()
 log = logging.getLogger("mixq")
 cfg = load_params()
 out = Path("outputs/publish")
 with atomic_dir(out) as tmp:
     repo_id = build_folder(
         tmp, cfg,
-        quant_dir=Path("outputs/quant"),
+        quant_dir=Path("outputs/refined"),
         source_file=Path("outputs/model/mixq_source.json"),
         manifest=Path("outputs/calibration/manifest.json"),
         metrics=Path("outputs/eval/metrics.json"),

@@ -101,7 +101,7 @@ def test_calibration_records_how_each_domain_was_rendered(gemma_tokenizer, templ
     assert set(info["renderings"]["prose"]) == {"text"}
     assert set(info["renderings"]["agent"]) == set(info["renderings"]["tool_call"]) == chats
     assert sum(info["renderings"]["agent"].values()) == sum(
-        info["per_domain"]["agent"][s]["documents"] for s in ("calibration", "heldout"))
+        info["per_domain"]["agent"][s]["documents"] for s in ("calibration", "refine", "heldout"))
     table = preview(info)
     assert f"| {next(iter(chats))} {info['renderings']['agent'][next(iter(chats))]} |" in table
     assert info["plain_chat_format"] in table

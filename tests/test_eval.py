@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import mixq  # noqa: F401
@@ -25,6 +26,7 @@ from tqdm import tqdm
 from mixq.allocate import uniform_plan
 from mixq.budget import candidate_dict, model_bpw
 from mixq.calibration import build_calibration, write_calibration
+from mixq.card import benchmark_section
 from mixq.config import CalibrationConfig, EvalConfig
 from mixq.convert import write_checkpoint
 from mixq.eval_report import write_outputs
@@ -36,6 +38,7 @@ from mixq.eval_runs import (
     uniform4_name,
 )
 from mixq.evaluate import (
+    HELDOUT_KEYS,
     eval_inputs,
     evaluate_checkpoints,
     forward_logits,
@@ -47,7 +50,7 @@ from mixq.evaluate import (
     stored_logits,
 )
 from mixq.io import read_json, write_json
-from mixq.measure import split_chunks
+from mixq.kl import split_chunks
 from mixq.probes import make_probes
 
 FOUR, EIGHT = (candidate_dict({"bits": b, "group_size": 64, "mode": "affine"}) for b in (4, 8))
@@ -160,10 +163,11 @@ def mixed_quant(source: Path, out: Path) -> Path:
 
 
 def small_calibration(source: Path, out: Path) -> Path:
-    """calibrate's output at ``out`` for ``source``'s tokenizer: 4 held-out windows of 48
-    tokens (reasoning and tool-call chats)."""
+    """calibrate's output at ``out`` for ``source``'s tokenizer: 4 in-distribution held-out
+    windows of 48 tokens (reasoning and tool-call chats) and 2 of other sources."""
     cal_cfg = CalibrationConfig(domains=["reasoning", "tool_call"], samples_per_domain=1,
-                                heldout_per_domain=2, seq_len=48)
+                                refine_per_domain=0, heldout_per_domain=2,
+                                heldout_other_per_source=1, seq_len=48)
     write_calibration(build_calibration(load_tokenizer(source), cal_cfg, 2048), out, "smollm2",
                       cal_cfg)
     return out
@@ -194,8 +198,12 @@ def test_split_stages_give_the_numbers_of_one_pass(smollm2_dir, smollm2_quants, 
         got = split["models"][name]
         assert {k: got["metrics"][k] for k in want["metrics"]} == want["metrics"], name
         assert (got["answers"], got["scores"]) == (want["answers"], want["scores"]), name
-        assert len(got["answers"]) == len(probes) and all(got["answers"])
-    assert split["metrics"]["mixed"]["kl_mean"] > 0.0 and split["metrics"]["heldout_tokens"] == 192
+        asked = [p for p in probes if p.task not in split["metrics"]["skipped_tasks"]]
+        assert len(got["answers"]) == len(asked) and all(got["answers"])
+    assert split["metrics"]["heldout_tokens"] == 6 * 48
+    mixed_metrics = split["metrics"]["mixed"]
+    assert mixed_metrics["kl_mean"] > 0.0 and mixed_metrics["id_kl_mean"] > 0.0
+    assert mixed_metrics["kl_mean"] != mixed_metrics["id_kl_mean"]  # two splits, two numbers
     assert split["reference_rerun"]["heldout"] > 0
 
 
@@ -219,7 +227,7 @@ def tiny_run(tiny_llama_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny-eval")
     quants = uniform_quants(tiny_llama_dir, root)
     mixed = mixed_quant(tiny_llama_dir, root / "mixed")
-    cfg = EvalConfig(samples_per_task=1, max_tokens=6, hashhop_tokens=64)
+    cfg = EvalConfig(samples_per_task=1, max_tokens=6, hashhop_tokens=64, skip_at_chance=False)
     result = run_both_stages(tiny_llama_dir, mixed, quants,
                              small_calibration(tiny_llama_dir, root / "calibration"), cfg, root)
     write_outputs(result, cfg, root / "eval")
@@ -232,8 +240,9 @@ def test_eval_writes_flat_metrics_with_deltas_and_predictions(tiny_run):
     assert metrics == json.loads(json.dumps(result["metrics"]))
     u4, u8 = (f"uniform-{c['name']}" for c in (FOUR, EIGHT))
     assert [k for k, v in metrics.items() if isinstance(v, dict)] == [
-        "reference", "mixed", u4, u8, "delta_vs_uniform4", "delta_vs_same_size"]
-    heldout = {"kl_mean", "kl_p95", "kl_max", "ppl", "top1", "size_bytes", "kernels"}
+        "reference", "mixed", u4, u8, "delta_vs_uniform4", "delta_vs_same_size", "skipped_tasks"]
+    assert metrics["skipped_tasks"] == {}  # eval.skip_at_chance=false: every task asked
+    heldout = {*HELDOUT_KEYS, "size_bytes", "kernels"}
     for name in ("reference", "mixed", u4, u8):
         m = metrics[name]
         assert heldout <= set(m), name
@@ -254,7 +263,7 @@ def test_eval_writes_flat_metrics_with_deltas_and_predictions(tiny_run):
     # 8-bit attention only: uniform 4-bit is 0.7% smaller, within the 3% of "same size"
     assert metrics["uniform4"] == metrics["same_size"] == metrics["closest_size"] == u4
     assert metrics["delta_vs_same_size"] == delta and -0.03 < metrics["closest_size_bpw_gap"] < 0
-    assert metrics["heldout_tokens"] == 4 * 48
+    assert metrics["heldout_tokens"] == 6 * 48
     assert metrics["seconds"] > 0
 
 
@@ -292,8 +301,34 @@ def test_dvc_eval_baselines_reads_nothing_of_the_budget():
     assert baselines["params"] == ["eval", "memory"]  # memory sizes slices only: no quant.*
     assert baselines["outs"] == ["outputs/eval-baselines"]
     assert {"outputs/model", "outputs/calibration", "outputs/baselines"} <= set(baselines["deps"])
-    assert not [d for d in baselines["deps"] if d.startswith("outputs/quant")
+    assert not [d for d in baselines["deps"] if d.startswith(("outputs/quant", "outputs/refined"))
                 or d in ("outputs/plan", "outputs/sensitivity", "mixq/eval_report.py")]
-    assert {"outputs/quant", "outputs/eval-baselines", "mixq/eval_runs.py"} <= set(mixed["deps"])
+    assert {"outputs/refined", "outputs/eval-baselines", "mixq/eval_runs.py"} <= set(mixed["deps"])
     code = {"stages/eval_baselines.py", "mixq/eval_runs.py", "mixq/evaluate.py"}
     assert code <= set(baselines["deps"]) and mixed["params"] == ["eval", "memory"]
+
+
+def test_tasks_at_chance_for_the_reference_are_not_asked_of_the_quants(tiny_run):
+    """A random model scores 0 on every task: with skip_at_chance (the default) the quants
+    answer no probe, the metrics, summary and card say which tasks were left out and why, and
+    the held-out numbers are those of the run that asked everything."""
+    _, root, asked_all, paths = tiny_run
+    cfg = replace(asked_all, skip_at_chance=True)
+    baselines = {n: p for n, p in paths.items() if n.startswith("uniform-")}
+    out = root / "skipping"
+    out.mkdir()
+    result = run_both_stages(paths["reference"], paths["mixed"], baselines, root / "calibration",
+                             cfg, out)
+    metrics = result["metrics"]
+    assert metrics["skipped_tasks"] == {t: "the float reference scored 0 of 1" for t in cfg.tasks}
+    for name in ("mixed", *baselines):
+        assert result["models"][name]["answers"] == []
+        assert not set(cfg.tasks) & set(metrics[name]) and "capability" not in metrics[name]
+        assert metrics[name]["kl_mean"] == json.loads(
+            (root / "eval" / "metrics.json").read_text())[name]["kl_mean"]
+    write_outputs(result, cfg, out / "eval")
+    assert "Not asked of the quants: arithmetic (the float reference scored 0 of 1" in (
+        out / "eval" / "summary.md").read_text()
+    assert (out / "eval" / "samples.jsonl").read_text() == ""
+    card = benchmark_section(metrics)
+    assert "Tasks not asked of the quants" in card and "`code`: the float reference" in card

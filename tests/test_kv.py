@@ -24,7 +24,8 @@ from mixq.kv import (
     KVLayer, kv_cache_error, kv_config, kv_layers, kv_plan, kv_sequences, kv_table, measure_kv,
     prefill_chunks, replay_is_exact, skip_reason, usable_candidates,
 )
-from mixq.measure import build_reference, reference_logits, token_kl
+from mixq.kl import reference_logits, token_kl
+from mixq.measure import build_reference
 from mixq.runtime import cache_for, find_kv_config, make_kv_cache
 
 G32 = [candidate_dict(Candidate(b, 32)) for b in (2, 4, 8)]

@@ -21,7 +21,8 @@ from mixq.config import Candidate, MeasureConfig
 from mixq.fisher import measure_fisher
 from mixq.layers import quantizable_layers
 from mixq.layers import get_module
-from mixq.measure import measure_exact, reference_logits, token_kl
+from mixq.kl import reference_logits, token_kl
+from mixq.measure import measure_exact
 from mixq.quantize import fake_quantize
 from mixq.sensitivity import spearman
 

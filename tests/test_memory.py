@@ -13,7 +13,8 @@ import pytest
 from conftest import tiny_llama
 
 from mixq.evaluate import forward_logits, heldout_metrics, record_logits
-from mixq.measure import build_reference, sliced_kl, split_chunks, token_kl
+from mixq.kl import sliced_kl, split_chunks, token_kl
+from mixq.measure import build_reference
 from mixq.memory import KL_COPIES, budget_bytes, logit_rows, set_budget, vocab_size
 
 VOCAB = 256

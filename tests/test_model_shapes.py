@@ -16,7 +16,7 @@ from conftest import (
 )
 
 ALL_STAGES = {"prepare-model", "calibrate", "measure-kl@0", "measure-kl-merge", "allocate",
-              "convert", "baselines", "kv-sensitivity", "eval-baselines", "eval", "publish"}
+              "convert", "refine", "baselines", "kv-sensitivity", "eval-baselines", "eval", "publish"}
 SHAPES = {
     # name: (builder, architecture, chat template, global KV caches, sliding-window caches,
     #        default KV candidates dropped at its head_dim)

@@ -4,6 +4,7 @@ cache with zero executions."""
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -62,3 +63,30 @@ def test_dvc_exp_run_composes_conf_like_mixq_compose(project, tiny_llama_dir):
     bad = subprocess.run(["dvc", "exp", "run", "-S", "quant.targt_bpw=5", "allocate"],
                          cwd=project, capture_output=True, text=True)
     assert bad.returncode != 0 and "targt_bpw" in bad.stdout + bad.stderr
+
+
+def test_a_local_model_dir_and_calibration_files_are_deps(project, tiny_llama_dir, tmp_path):
+    """model=path and calibration=files: editing the model directory or a data file makes
+    `dvc status` report the stage changed (they are deps through model.dep/calibration.files_dep
+    derived at compose time), and nothing else."""
+    model = Path(shutil.copytree(tiny_llama_dir, tmp_path / "model"))
+    data = project / "data"
+    data.mkdir(exist_ok=True)
+    text = "\n\n".join(f"Paragraph {i}: " + "words and more words " * 40 for i in range(40))
+    for domain in ("prose", "code"):
+        (data / f"{domain}.txt").write_text(text)
+    settings = ["calibration=files", "calibration.domains=[prose,code]",
+                "calibration.files={prose:data/prose.txt,code:data/code.txt}",
+                "calibration.refine_per_domain=1"]
+    run([sys.executable, "-m", "mixq", "compose", "model=path", f"model.id={model}",
+         "calibration.seq_len=64", "calibration.samples_per_domain=1", *settings], project)
+    run(["dvc", "repro", "calibrate"], project)
+    assert "up to date" in run(["dvc", "status", "prepare-model", "calibrate"], project)
+
+    (data / "code.txt").write_text(text.replace("words", "tokens"))
+    status = run(["dvc", "status", "prepare-model", "calibrate"], project)
+    assert "calibrate" in status and "prepare-model" not in status
+
+    (model / "generation_config.json").write_text('{"temperature": 0.5}\n')
+    status = run(["dvc", "status", "prepare-model"], project)
+    assert "prepare-model" in status and str(model) in status

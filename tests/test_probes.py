@@ -11,10 +11,10 @@ import mixq  # noqa: F401
 import pytest
 
 from mixq.config import EvalConfig
+from mixq.config import EVAL_TASKS as TASKS
 from mixq.probes import (
     CODE_TASKS,
     FORMAT_CHECKS,
-    TASKS,
     extract_code,
     hashes,
     make_probes,
@@ -40,7 +40,7 @@ def test_probes_are_deterministic_from_the_seed():
     assert all(a != b for a, b in zip(first, other))
     longer = make_probes(replace(cfg, samples_per_task=6), word_count)
     assert [p for p in longer if longer.index(p) % 6 < 4] == first  # prefix-stable per task
-    with pytest.raises(ValueError, match="unknown tasks"):
+    with pytest.raises(ValueError, match="eval.tasks.*'poetry' is not one of"):
         make_probes(replace(cfg, tasks=["arithmetic", "poetry"]), word_count)
 
 

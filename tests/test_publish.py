@@ -5,6 +5,7 @@ batch + PUT, commit)."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
 import os
@@ -18,6 +19,7 @@ import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pytest
@@ -79,7 +81,7 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     table = {**smollm2_table(), "tokens": 3072, "method": "fisher", "reference": "float",
              "dtype": "bfloat16"}
     plan = allocate(table, QuantConfig([Candidate(4, 64), Candidate(8, 64)]), 16)  # the table's
-    quant = root / "outputs/quant"
+    quant = root / "outputs/refined"
     (quant / "mixq").mkdir(parents=True)
     save_file({"w": np.arange(50_000, dtype=np.uint32)}, str(quant / "model.safetensors"))
     write_json(quant / "config.json", {"model_type": "llama", "quantization": plan["layers"]})
@@ -105,12 +107,12 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
             for layer in layers for c in kv_candidates}  # stand-in KLs, real formats
     kv = kv_table(layers, rows, kv_candidates, {}, "bfloat16", 512, {})
     write_json(root / "outputs/kv/kv_config.json",
-               kv_config(kv, kv_plan(kv, KVConfig()), Path("outputs/quant")))
+               kv_config(kv, kv_plan(kv, KVConfig()), Path("outputs/refined")))
     return root
 
 
 def build(inputs: Path, out: Path, cfg: Config, source: Path | None = None) -> Path:
-    build_folder(out, cfg, inputs / "outputs/quant",
+    build_folder(out, cfg, inputs / "outputs/refined",
                  source or inputs / "outputs/model/mixq_source.json",
                  inputs / "outputs/calibration/manifest.json",
                  inputs / "outputs/eval/metrics.json", inputs / "outputs/kv/kv_config.json")
@@ -128,7 +130,7 @@ def front_matter(card: str) -> dict:
 
 
 def test_folder_is_a_byte_copy_plus_sidecar_and_card(inputs: Path, folder: Path):
-    quant = inputs / "outputs/quant"
+    quant = inputs / "outputs/refined"
     for src in (f for f in quant.rglob("*") if f.is_file()):
         dst = folder / src.relative_to(quant)
         assert dst.read_bytes() == src.read_bytes()
@@ -235,7 +237,7 @@ def test_identity_comes_from_the_model_and_the_card_has_no_local_paths(
     cfg = Config(model=ModelConfig(kind=source["kind"], id=source["id"]))
     assert cfg.publish.repo_id is None
     out = tmp_path / "repo"
-    assert build_folder(out, cfg, inputs / "outputs/quant", record,
+    assert build_folder(out, cfg, inputs / "outputs/refined", record,
                         inputs / "outputs/calibration/manifest.json",
                         inputs / "outputs/eval/metrics.json") == repo
     card = (out / "README.md").read_text()
@@ -292,11 +294,14 @@ def test_params_hash_covers_only_what_determines_the_weights():
 
 class StandInHub(ThreadingHTTPServer):
     """The Hub endpoints an upload uses, on 127.0.0.1; records every request. ``mode``:
-    ``ok``, ``read`` (a read-only token) or ``public`` (the repo exists and is public)."""
+    ``ok``, ``read`` (a read-only token), ``public`` (the repo exists and is public),
+    ``bad-card`` (the card's metadata is rejected), ``new-fails`` (no repo until created, then
+    the commit fails with a 500)."""
 
     def __init__(self, mode: str = "ok"):
         super().__init__(("127.0.0.1", 0), Handler)
         self.mode, self.requests, self.uploads = mode, [], {}
+        self.created = mode != "new-fails"
         self.url = f"http://127.0.0.1:{self.server_address[1]}"
 
 
@@ -338,11 +343,16 @@ class Handler(BaseHTTPRequestHandler):
             return self.reply(200, {"type": "user", "name": "tester",
                                     "auth": {"accessToken": {"role": role}}})
         if path == "/api/repos/create":
+            hub.created = True
             return self.reply(200, {"url": f"{hub.url}/{REPO_ID}"})
         if path == repo_api:
+            if not hub.created:
+                return self.reply(404, {"error": "Repository not found"})
             return self.reply(200, {"id": REPO_ID, "private": hub.mode != "public",
                                     "sha": "0" * 40})
         if path == "/api/validate-yaml":
+            if hub.mode == "bad-card":
+                return self.reply(400, {"error": '"license" must be one of [apache-2.0, ...]'})
             return self.reply(200, {"errors": [], "warnings": []})
         if path == f"{repo_api}/preupload/main":
             files = json.loads(body)["files"]
@@ -359,6 +369,8 @@ class Handler(BaseHTTPRequestHandler):
             hub.uploads[path.rsplit("/", 1)[1]] = body
             return self.reply(200)
         if path == f"{repo_api}/commit/main":
+            if hub.mode == "new-fails":
+                return self.reply(500, {"error": "Internal Error"})
             return self.reply(200, {"commitUrl": f"{hub.url}/{REPO_ID}/commit/{'1' * 40}",
                                     "commitOid": "1" * 40})
         return self.reply(404, {"error": f"stand-in has no {self.command} {path}"})
@@ -366,14 +378,22 @@ class Handler(BaseHTTPRequestHandler):
     do_GET = do_POST = do_PUT = handle_one
 
 
-@pytest.fixture
-def hub(request: pytest.FixtureRequest):
-    server = StandInHub(getattr(request, "param", "ok"))
+@contextlib.contextmanager
+def stand_in_hub(mode: str) -> Iterator[StandInHub]:
+    server = StandInHub(mode)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
-    yield server
-    server.shutdown()
-    server.server_close()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture
+def hub(request: pytest.FixtureRequest):
+    with stand_in_hub(getattr(request, "param", "ok")) as server:
+        yield server
 
 
 def run_stage(inputs: Path, tmp_path: Path, endpoint: str, token: str | None,
@@ -397,6 +417,7 @@ def test_upload_is_one_private_commit_of_the_folder(inputs: Path, tmp_path: Path
     requests = hub.requests
     routes = [(r["method"], r["path"].split("?")[0]) for r in requests]
     assert routes[0] == ("GET", "/api/whoami-v2")
+    assert routes.index(("POST", "/api/validate-yaml")) < routes.index(("POST", "/api/repos/create"))
     assert routes.index(("POST", "/api/repos/create")) < routes.index(
         ("POST", f"/api/models/{REPO_ID}/preupload/main"))
     commits = [r for r in requests if r["path"].startswith(f"/api/models/{REPO_ID}/commit/")]
@@ -429,8 +450,10 @@ def test_upload_is_one_private_commit_of_the_folder(inputs: Path, tmp_path: Path
     for r in requests:  # the token travels in the Authorization header of API calls only
         assert TOKEN not in r["path"] and TOKEN.encode() not in r["body"]
         assert all(TOKEN not in v for k, v in r["headers"].items() if k != "authorization")
-        expected = None if r["path"].startswith("/lfs-upload/") else f"Bearer {TOKEN}"
-        assert r["headers"].get("authorization") == expected, r["path"]
+        expected = {None} if r["path"].startswith("/lfs-upload/") else {f"Bearer {TOKEN}"}
+        if r["path"] == "/api/validate-yaml":  # mixq's own check before creating: no token
+            expected |= {None}
+        assert r["headers"].get("authorization") in expected, r["path"]
     assert TOKEN not in result.stdout + result.stderr
     assert not [f for f in (tmp_path / "project").rglob("*")
                 if f.is_file() and TOKEN.encode() in f.read_bytes()]
@@ -466,6 +489,21 @@ def test_refused_uploads_commit_nothing(inputs: Path, tmp_path: Path, hub, token
     assert not [r for r in hub.requests if "/preupload/" in r["path"] or "/commit/" in r["path"]]
     if hub.mode != "public":
         assert [r["path"] for r in hub.requests] == ["/api/whoami-v2"]
+
+
+def test_a_card_the_hub_rejects_creates_no_repo(inputs: Path, tmp_path: Path):
+    with stand_in_hub("bad-card") as hub:
+        result = run_stage(inputs, tmp_path, hub.url, TOKEN, push=True)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "the Hub rejects" in result.stderr and "no repo created" in result.stderr
+    assert not [r for r in hub.requests if r["path"] == "/api/repos/create"]
+
+
+def test_a_failed_upload_says_what_exists_on_the_hub(inputs: Path, tmp_path: Path):
+    with stand_in_hub("new-fails") as hub:
+        result = run_stage(inputs, tmp_path, hub.url, TOKEN, push=True)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert f"{REPO_ID} was created by this run and holds no files of it" in result.stderr
 
 
 def test_dry_run_makes_no_request(inputs: Path, tmp_path: Path, hub):

@@ -17,7 +17,7 @@ from conftest import copy_project, executed, git_commit, run
 
 UPSTREAM = {"prepare-model", "calibrate", "measure-kl@0", "measure-kl-merge", "baselines",
             "eval-baselines"}
-POINT = {"allocate", "convert", "kv-sensitivity", "eval", "publish"}
+POINT = {"allocate", "convert", "refine", "kv-sensitivity", "eval", "publish"}
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +29,8 @@ def project(tiny_llama_dir, tmp_path_factory) -> Path:
         conf.write(
             f"model: {{kind: path, id: {tiny_llama_dir}}}\n"
             "calibration: {seq_len: 64, samples_per_domain: 1}\n"
-            "kv: {seq_len: 64, target_bits: 16.0}\n"  # head_dim 16: no KV candidate fits
+            "kv: {seq_len: 64, target_bits: 16.0}\n"
+            "refine: {steps: 2, batch_size: 1, valid_windows: 2}\n"  # head_dim 16: no KV candidate fits
             "eval: {samples_per_task: 1, max_tokens: 8, hashhop_tokens: 96,"
             " tasks: [arithmetic, hashhop]}\n"
         )
@@ -87,7 +88,7 @@ def test_hydra_multirun_records_each_point_as_an_experiment(project):
         assert UPSTREAM <= set(result["stages"]["unchanged"])
         assert_point(rows[result["experiment"]], target)
         assert re.search(rf"\| quant.target_bpw={target} \| {result['experiment']} \| allocate, "
-                         rf"convert, kv-sensitivity, eval, publish \| \d+ \|", log)  # summary
+                         rf"convert, refine, kv-sensitivity, eval, publish \| \d+ \|", log)  # summary
 
 
 def test_sweep_rejects_a_bad_override_before_running_anything(project):
