@@ -9,7 +9,8 @@ One run, one source model, the same held-out tokens, bfloat16 scales everywhere:
 * mixq (its library, not DVC) at each peer's own bits per weight: the sensitivity table, then
   ``mixq.allocate.allocate`` at ``target_bpw = <peer bpw>`` and ``mixq.convert.write_checkpoint``,
   for each candidate menu given (``--candidates 3,4,6,8``; repeatable), optionally followed by
-  ``--mixq-refine`` (``mixq.refine``, when importable).
+  ``--mixq-refine`` (``mixq.refine.refine_checkpoint`` with params.yaml's ``refine``,
+  when importable).
 
 Every calibrated tool gets the same text: mixq's calibration windows decoded to text, written
 to ``~/.cache/mlx-lm/calibration_v5.txt`` (what ``mlx_lm.quant.utils.load_data`` reads) and
@@ -236,14 +237,12 @@ def dwq_setup(ctx: Context, bits: int, group_size: int):
     import mlx.core as mx
     from mlx_lm.utils import quantize_model
 
-    from mixq.calibration import read_calibration
-
     model, tokenizer, config = ctx.load()
     student = copy.deepcopy(model)
     cast_floats(student, mx.bfloat16)
     _, config = quantize_model(student, {**config, "torch_dtype": "bfloat16"},
                                group_size=group_size, bits=bits)
-    windows = read_calibration(ctx.calibration_dir).tokens
+    windows = split_tokens(ctx.calibration_dir, "calibration")
     data = [(w.tolist(), 0) for w in windows]
     return model, student, tokenizer, config, data
 
@@ -344,11 +343,10 @@ def sensitivity_table(ctx: Context, menu, params, existing: Optional[Path]) -> t
     measured with every candidate of the menu on this calibration, else measured now with the
     project's measure config (cached in the work dir). Returns (table, seconds to measure)."""
     from mixq.budget import candidate_name
-    from mixq.calibration import read_calibration
     from mixq.sensitivity import measure_sensitivity
 
     want = {candidate_name(c) for c in menu}
-    tokens = int(read_calibration(ctx.calibration_dir).tokens.size)
+    tokens = int(split_tokens(ctx.calibration_dir, "calibration").size)
     if existing and existing.exists():
         table = json.loads(existing.read_text())
         have = {c["name"] for c in table["candidates"]}
@@ -371,20 +369,13 @@ def sensitivity_table(ctx: Context, menu, params, existing: Optional[Path]) -> t
     return table, seconds
 
 
-def run_refine(out: Path, ctx: Context) -> dict:
-    """The optional post-convert step: ``mixq.refine.refine(quant_dir, source_dir,
-    calibration_dir) -> dict | None`` rewrites the checkpoint in place. A no-op (recorded as
-    such) while ``mixq.refine`` or that function does not exist."""
+def refine_available() -> Optional[Callable]:
+    """``mixq.refine.refine_checkpoint`` when that module exists, else None."""
     try:
-        import mixq.refine as refine_module
-    except ImportError as e:
-        return {"refine": f"not available: {e}"}
-    fn = getattr(refine_module, "refine", None)
-    if fn is None:
-        return {"refine": "not available: mixq.refine has no refine()"}
-    t = time.perf_counter()
-    result = fn(out, ctx.model_dir, ctx.calibration_dir)
-    return {"refine": result or "done", "refine_seconds": time.perf_counter() - t}
+        from mixq.refine import refine_checkpoint
+    except ImportError:
+        return None
+    return refine_checkpoint
 
 
 def produce_mixq(ctx: Context, table: dict, menu, target: float, params, refine: bool,
@@ -395,46 +386,61 @@ def produce_mixq(ctx: Context, table: dict, menu, target: float, params, refine:
 
     quant = dataclasses.replace(params.quant, candidates=list(menu), target_bpw=target)
     plan = allocate(table, quant, dtype_bits(quant.dtype))
-    report = write_checkpoint(ctx.model_dir, out, plan, table, quant.dtype)
+    refine_fn = refine_available() if refine else None
+    converted = out.parent / f"{out.name}.unrefined" if refine_fn else out
+    shutil.rmtree(converted, ignore_errors=True)
+    report = write_checkpoint(ctx.model_dir, converted, plan, table, quant.dtype)
     s = plan["summary"]
     extra = {"predicted_kl": s["predicted_kl"], "plan_bpw": s["bpw"], "verified": report,
              "layers": {n: v["layers"] for n, v in s["candidates"].items()}}
-    if refine:
-        extra.update(run_refine(out, ctx))
+    if refine and refine_fn is None:
+        extra["refine"] = "not available: no mixq.refine.refine_checkpoint (no-op)"
+    elif refine_fn:  # the refine stage's own call: converted checkpoint -> out
+        out.mkdir(parents=True, exist_ok=True)
+        extra["refine"] = refine_fn(converted, ctx.model_dir, ctx.calibration_dir, out,
+                                    params.refine)
+        shutil.rmtree(converted)
     return extra
 
 
 # ----------------------------------------------------------------------------- scoring
 
 
-def available_splits(calibration_dir: Path) -> list[str]:
-    """The held-out splits this calibration holds, other-source first. (``split()`` of older
-    calibrations answers any name with the in-distribution held-out split: trust only names
-    that ``mixq.calibration.SPLITS`` lists.)"""
-    from mixq import calibration
+def split_tokens(calibration_dir: Path, split: str):
+    """The token windows [n, seq_len] of one split of a calibration directory, or None when it
+    has no such split: read from the split's own file, so calibrations written before a split
+    existed (no refine/heldout_other files) still read."""
+    from safetensors.numpy import load_file
 
-    names = getattr(calibration, "SPLITS", ("calibration", "heldout"))
-    return [s for s in SPLIT_ORDER if s in names]
+    from mixq.artifacts import SPLIT_FILES, SPLIT_KEYS
+
+    path = Path(calibration_dir) / SPLIT_FILES[split]
+    return load_file(str(path))[SPLIT_KEYS[split][0]] if path.exists() else None
+
+
+def available_splits(calibration_dir: Path) -> list[str]:
+    """The held-out splits this calibration holds (non-empty), other-source first."""
+    return [s for s in SPLIT_ORDER if (t := split_tokens(calibration_dir, s)) is not None
+            and t.size]
 
 
 class Scorer:
     """Held-out metrics of checkpoints against the float32 reference, per split; reference
     logits are recorded once per split (memory-mapped in the work dir)."""
 
-    def __init__(self, model_dir: Path, calibration_dir: Path, work: Path, splits: list[str]):
+    def __init__(self, model_dir: Path, sources: Mapping[str, Path], work: Path):
+        """``sources``: split name -> the calibration directory to read it from."""
         import numpy as np
 
-        from mixq.calibration import read_calibration
         from mixq.evaluate import CHUNK_TOKENS
-        from mixq.measure import split_chunks
+        from mixq.kl import split_chunks
         from mixq.memory import FORWARD_COPIES, logit_rows, vocab_size
 
-        cal = read_calibration(calibration_dir)
         per_forward = min(CHUNK_TOKENS, logit_rows(vocab_size(model_dir), FORWARD_COPIES))
         self.model_dir, self.work = model_dir, work
         self.chunks, self.keys, self.tokens = {}, {}, {}
-        for split in splits:
-            tokens = np.asarray(cal.split(split)[0])
+        for split, directory in sources.items():
+            tokens = np.asarray(split_tokens(directory, split))
             self.chunks[split] = split_chunks(tokens, per_forward)
             self.keys[split] = hashlib.sha256(tokens.tobytes()).hexdigest()[:16]
             self.tokens[split] = int(tokens.size)
@@ -628,10 +634,8 @@ def write_calibration_text(calibration_dir: Path, model_dir: Path, force: bool) 
     mlx-lm's quant tools read; refuses to replace a different file unless ``force``."""
     from mlx_lm.utils import load_tokenizer
 
-    from mixq.calibration import read_calibration
-
     tokenizer = load_tokenizer(model_dir)
-    windows = read_calibration(calibration_dir).tokens
+    windows = split_tokens(calibration_dir, "calibration")
     text = "\n\n".join(tokenizer.decode(w.tolist()) for w in windows)
     if CALIBRATION_TEXT.exists() and CALIBRATION_TEXT.read_text() != text and not force:
         raise SystemExit(f"{CALIBRATION_TEXT} exists with other text; pass "
@@ -647,14 +651,18 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     p.add_argument("--calibration", type=Path, default=Path("outputs/calibration"))
     p.add_argument("--params", type=Path, default=Path("params.yaml"),
                    help="quant (dtype, allocator, protect, default candidates) and measure")
+    p.add_argument("--heldout-other", type=Path,
+                   help="a calibration directory to take the other-source split from when "
+                        "--calibration has none")
     p.add_argument("--sensitivity", type=Path, default=Path("outputs/sensitivity/sensitivity.json"),
                    help="reused when it covers the menu; else measured (cached)")
     p.add_argument("--candidates", action="append",
                    help="mixq candidate menu, e.g. 3,4,6,8 or 3,4g32,6 or 'params' (default); "
                         "repeat for several mixq lines")
     p.add_argument("--mixq-refine", action="store_true",
-                   help="run mixq.refine.refine(quant_dir, model_dir, calibration_dir) after "
-                        "each mixq convert when importable (no-op otherwise)")
+                   help="after each mixq convert, mixq.refine.refine_checkpoint(converted, "
+                        "model_dir, calibration_dir, out_dir, params.refine) when importable "
+                        "(no-op otherwise)")
     p.add_argument("--mixq-targets", type=float, nargs="*",
                    help="extra mixq targets (bpw) besides every peer's")
     p.add_argument("--only", nargs="*", default=[], help="fnmatch patterns of names to build")
@@ -681,8 +689,13 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     ctx = Context(args.model, args.calibration, args.work)
     text_sha = write_calibration_text(args.calibration, args.model, args.force_calibration_text)
-    splits = available_splits(args.calibration)
-    scorer = Scorer(args.model, args.calibration, args.work, splits)
+    sources = {s: args.calibration for s in available_splits(args.calibration)}
+    if args.heldout_other and "heldout_other" not in sources:
+        # other-source text is disjoint from any builtin calibration by source, so it can
+        # come from a newer calibration directory than the one the quants were built from
+        sources = {"heldout_other": args.heldout_other, **sources}
+    splits = [s for s in SPLIT_ORDER if s in sources]
+    scorer = Scorer(args.model, {s: sources[s] for s in splits}, args.work)
     log.info("splits: %s", {s: scorer.tokens[s] for s in splits})
 
     rows: list[dict] = []
@@ -747,7 +760,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     wall = time.perf_counter() - t_all
     result = {
         "model": str(args.model), "calibration": str(args.calibration),
-        "calibration_text_sha256": text_sha, "splits": {s: scorer.tokens[s] for s in splits},
+        "calibration_text_sha256": text_sha,
+        "splits": {s: {"tokens": scorer.tokens[s], "from": str(sources[s])} for s in splits},
         "rows": rows, "ratios": {s: ratios(rows, s) for s in splits}, "not_run": skipped,
         "dwq_probe": dwq, "wall_seconds_this_run": wall, "argv": sys.argv[1:],
     }
