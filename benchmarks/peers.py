@@ -319,23 +319,35 @@ def build(name: str, work: Path, make: Callable[[Path], dict]) -> dict:
 # ----------------------------------------------------------------------------- mixq
 
 
+FLOAT_MODES = {"mxfp4": (4, 32), "nvfp4": (4, 16), "mxfp8": (8, 32)}  # MLX's float formats
+
+
 def parse_menu(text: str, params_quant) -> list:
-    """``3,4,6,8`` (affine, g64), ``4g32`` for another group size, or ``params`` (params.yaml's
-    quant.candidates)."""
+    """``3,4,6,8`` (affine, g64), ``4g32`` for another group size, ``mxfp4``/``nvfp4``/``mxfp8``
+    (their own group size), or ``params`` (params.yaml's quant.candidates)."""
     from mixq.config import Candidate
 
     if text == "params":
         return list(params_quant.candidates)
     menu = []
     for item in text.split(","):
-        bits, _, group = item.strip().partition("g")
+        item = item.strip()
+        if item in FLOAT_MODES:
+            menu.append(Candidate(*FLOAT_MODES[item], item))
+            continue
+        bits, _, group = item.partition("g")
         menu.append(Candidate(int(bits), int(group or 64), "affine"))
     return menu
 
 
 def menu_tag(menu) -> str:
-    return "/".join(f"{c.bits}" + (f"g{c.group_size}" if c.group_size != 64 else "")
-                    for c in menu)
+    """``3/4/6/8`` for affine g64, ``4g32`` for another group size, the mode for float ones."""
+    def one(c):
+        if c.mode != "affine":
+            return c.mode if FLOAT_MODES.get(c.mode) == (c.bits, c.group_size) else \
+                f"{c.mode}-{c.bits}g{c.group_size}"
+        return f"{c.bits}" + (f"g{c.group_size}" if c.group_size != 64 else "")
+    return "/".join(one(c) for c in menu)
 
 
 def sensitivity_table(ctx: Context, menu, params, existing: Optional[Path]) -> tuple[dict, float]:
@@ -733,7 +745,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         for text in args.candidates or ["params"]:
             menu = parse_menu(text, params.quant)
             tag = menu_tag(menu)
-            series_name = f"mixq-{tag.replace('/', '')}"
+            series_name = "mixq-" + tag.replace("/", "-") if any(
+                c.mode != "affine" or c.group_size != 64 for c in menu) else \
+                "mixq-" + tag.replace("/", "")  # mixq-3468 for the affine g64 menus
             if not selected(series_name, args.only, args.skip):
                 continue
             table, table_seconds = sensitivity_table(ctx, menu, params, args.sensitivity)
