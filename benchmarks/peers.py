@@ -56,6 +56,7 @@ log = logging.getLogger("peers")
 CALIBRATION_TEXT = Path.home() / ".cache/mlx-lm/calibration_v5.txt"
 SPLIT_ORDER = ("heldout_other", "heldout")  # other-source first
 SEED = 123  # the seed mlx-lm's quant CLIs default to
+CACHED_ONLY = False  # --cached-only: build nothing, score nothing, report what is stored
 TOL_BPW = 1e-3  # peers "at <= a size": up to 0.001 bpw larger (17 kB on SmolLM2-135M)
 
 
@@ -302,6 +303,8 @@ def build(name: str, work: Path, make: Callable[[Path], dict]) -> dict:
     record_path = out / "build.json"
     if record_path.exists():
         return json.loads(record_path.read_text())
+    if CACHED_ONLY:
+        raise FileNotFoundError(f"{out} was not built (--cached-only)")
     tmp = work / f".{name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.parent.mkdir(parents=True, exist_ok=True)
@@ -457,6 +460,7 @@ class Scorer:
             self.keys[split] = hashlib.sha256(tokens.tobytes()).hexdigest()[:16]
             self.tokens[split] = int(tokens.size)
         self._reference: dict[str, Any] = {}
+        self.cached_only = False  # report stored scores only: score nothing new
 
     def reference(self, split: str):
         import numpy as np
@@ -485,6 +489,10 @@ class Scorer:
         cache_path = ckpt / "scores.json"
         cache = json.loads(cache_path.read_text()) if cache_path.exists() else {}
         todo = [s for s in self.chunks if self.keys[s] not in cache.get("splits", {})]
+        if self.cached_only:
+            if "bpw" not in cache:
+                raise FileNotFoundError(f"{ckpt} was never scored (--cached-only)")
+            todo = []
         if todo or "bpw" not in cache:
             model, _ = mlx_lm.load(str(ckpt))
             cache["bpw"] = float(compute_bits_per_weight(model))  # as stored: bf16 scales
@@ -500,8 +508,9 @@ class Scorer:
             cache_path.write_text(json.dumps(cache, indent=1))
         result = {k: cache[k] for k in ("bpw", "bytes", "kernels")}
         for split in self.chunks:
-            result[split] = {k: v for k, v in cache["splits"][self.keys[split]].items()
-                             if k != "split"}
+            if self.keys[split] in cache["splits"]:  # all of them unless --cached-only
+                result[split] = {k: v for k, v in cache["splits"][self.keys[split]].items()
+                                 if k != "split"}
         return result
 
 
@@ -683,6 +692,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     p.add_argument("--dwq-steps", type=int, default=0,
                    help="build dwq with this many steps (0: only time one step)")
     p.add_argument("--force-calibration-text", action="store_true")
+    p.add_argument("--cached-only", action="store_true",
+                   help="build and score nothing: report what the work dir holds (a quant "
+                        "not yet scored on a split is left out of that split's table)")
     p.add_argument("--work", type=Path, default=ROOT / "benchmarks/.work")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/peers.json")
     args = p.parse_args(argv)
@@ -708,27 +720,37 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         sources = {"heldout_other": args.heldout_other, **sources}
     splits = [s for s in SPLIT_ORDER if s in sources]
     scorer = Scorer(args.model, {s: sources[s] for s in splits}, args.work)
+    global CACHED_ONLY
+    CACHED_ONLY = scorer.cached_only = args.cached_only
     log.info("splits: %s", {s: scorer.tokens[s] for s in splits})
 
     rows: list[dict] = []
     skipped: dict[str, str] = {}
+    not_built: list[str] = []  # --cached-only: mixq points not in the work dir
     for peer in peer_specs(args.dwq_steps):
         if not selected(peer.name, args.only, args.skip):
             continue
         try:
             record = build(peer.name, args.work,
                            lambda out, peer=peer: PRODUCERS[peer.kind](peer, ctx, out))
+            scores = scorer.score(args.work / peer.name)
+        except FileNotFoundError as e:
+            if not args.cached_only:
+                raise
+            skipped[peer.name] = f"not built or not scored when this report was made ({e})"
+            continue
         except Exception as e:  # a tool that fails here is a result, not a crash
             log.exception("%s failed", peer.name)
             skipped[peer.name] = f"failed: {type(e).__name__}: {e}"
             continue
         rows.append({"name": peer.name, "label": peer.label, "kind": peer.kind,
-                     "args": peer.args, **record, **scorer.score(args.work / peer.name)})
+                     "args": peer.args, **record, **scores})
         log.info("%s: %.3f bpw, %s", peer.name, rows[-1]["bpw"],
-                 {s: round(rows[-1][s]["kl_mean"], 4) for s in splits})
+                 {s: round(rows[-1][s]["kl_mean"], 4) for s in splits if s in rows[-1]})
 
     dwq = None
-    if args.dwq_steps == 0 and selected("dwq-probe", args.only, args.skip):
+    if args.dwq_steps == 0 and selected("dwq-probe", args.only, args.skip) and not (
+            args.cached_only and not (args.work / "dwq-probe.json").exists()):
         dwq = dwq_probe(ctx)
         skipped["dwq-4"] = dwq["what"] + ": not run (--dwq-steps N to run it)" if \
             not dwq.get("finished", True) else (
@@ -756,6 +778,12 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                 try:
                     record = build(name, args.work, lambda out, target=target: produce_mixq(
                         ctx, table, menu, target, params, args.mixq_refine, out))
+                    scores = scorer.score(args.work / name)
+                except FileNotFoundError as e:
+                    if not args.cached_only:
+                        raise
+                    not_built.append(name)
+                    continue
                 except Exception as e:
                     skipped[name] = f"{type(e).__name__}: {e}".split("\n")[0]
                     log.warning("%s: %s", name, skipped[name])
@@ -763,9 +791,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                 rows.append({"name": name, "label": f"mixq {tag} @{target:.3f}", "kind": "mixq",
                              "series": tag + (" +refine" if args.mixq_refine else ""),
                              "target_bpw": target, "sensitivity_seconds": table_seconds,
-                             **record, **scorer.score(args.work / name)})
+                             **record, **scores})
                 log.info("%s: %.3f bpw, %s", name, rows[-1]["bpw"],
-                         {s: round(rows[-1][s]["kl_mean"], 4) for s in splits})
+                         {s: round(rows[-1][s]["kl_mean"], 4) for s in splits if s in rows[-1]})
 
     table_md = markdown(rows, splits)
     print(table_md)
@@ -777,7 +805,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         "calibration_text_sha256": text_sha,
         "splits": {s: {"tokens": scorer.tokens[s], "from": str(sources[s])} for s in splits},
         "rows": rows, "ratios": {s: ratios(rows, s) for s in splits}, "not_run": skipped,
-        "dwq_probe": dwq, "wall_seconds_this_run": wall, "argv": sys.argv[1:],
+        "mixq_not_built": not_built, "dwq_probe": dwq, "wall_seconds_this_run": wall, "argv": sys.argv[1:],
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
