@@ -569,6 +569,14 @@ def markdown(rows: Sequence[Mapping], splits: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
+KIND_STYLE = {  # kind -> marker, colour, legend name: the same in every panel
+    "rtn": ("^", "tab:red", "uniform RTN (mlx_lm.convert)"),
+    "recipe": ("D", "tab:green", "mixed_3_6 / mixed_4_6 recipe"),
+    "dynamic_quant": ("o", "tab:purple", "dynamic_quant"),
+    "gptq": ("s", "tab:orange", "gptq"),
+    "awq": ("P", "tab:brown", "awq"),
+    "dwq": ("X", "tab:pink", "dwq"),
+}
 LABEL_OFFSETS = [(7, 3), (7, -10), (-7, 3), (-7, -10), (7, 13), (7, -20), (-7, 13),
                  (-7, -20), (7, 23), (7, -30), (-7, 23), (-7, -30), (20, 33), (20, -40)]
 
@@ -614,18 +622,18 @@ def plot(rows: Sequence[Mapping], splits: Sequence[str], path: Path) -> None:
     fig, axes = plt.subplots(1, len(splits), figsize=(9 * len(splits), 7.5), squeeze=False)
     for ax, split in zip(axes[0], splits):
         peers = [r for r in rows if r["kind"] != "mixq" and split in r]
-        kinds = sorted({r["kind"] for r in peers})
-        markers = dict(zip(kinds, "osD^vP*X"))
-        for k in kinds:
+        for k, (marker, color, name) in KIND_STYLE.items():
             pts = [r for r in peers if r["kind"] == k]
-            ax.scatter([r["bytes"] / 1e6 for r in pts], [r[split]["kl_mean"] for r in pts],
-                       marker=markers[k], s=40, label=k, zorder=3)
-        series = sorted({r["series"] for r in rows if r["kind"] == "mixq"})
-        for s in series:
+            if pts:
+                ax.scatter([r["bytes"] / 1e6 for r in pts], [r[split]["kl_mean"] for r in pts],
+                           marker=marker, color=color, s=40, label=name, zorder=3)
+        series = sorted({r["series"] for r in rows if r["kind"] == "mixq"}, key=len)
+        for s, color in zip(series, ("tab:blue", "tab:cyan", "tab:olive", "tab:gray")):
             pts = sorted((r for r in rows if r["kind"] == "mixq" and r.get("series") == s
                           and split in r), key=lambda r: r["bytes"])
-            ax.plot([r["bytes"] / 1e6 for r in pts], [r[split]["kl_mean"] for r in pts],
-                    "-", marker=".", lw=1.8, label=f"mixq {s}", zorder=2)
+            if pts:
+                ax.plot([r["bytes"] / 1e6 for r in pts], [r[split]["kl_mean"] for r in pts],
+                        "-", marker=".", lw=1.8, color=color, label=f"mixq {s}", zorder=2)
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("size on disk (MB, log)")
