@@ -46,7 +46,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -112,8 +112,12 @@ def cast_floats(model, dtype):
 class Context:
     """What the producers share: the source model, the calibration, the work dir."""
 
-    def __init__(self, model_dir: Path, calibration_dir: Path, work: Path):
+    def __init__(self, model_dir: Path, calibration_dir: Path, work: Path,
+                 mixq_model_dir: Optional[Path] = None):
         self.model_dir, self.calibration_dir, self.work = model_dir, calibration_dir, work
+        # what mixq measures and converts: the awq-scale stage's equivalent scaled model
+        # when given; the peers and every KL's reference stay on model_dir
+        self.mixq_model_dir = mixq_model_dir or model_dir
 
     def load(self):
         from mlx_lm.utils import load
@@ -370,14 +374,16 @@ def sensitivity_table(ctx: Context, menu, params, existing: Optional[Path]) -> t
             log.info("sensitivity: %s (has %s)", existing, sorted(have))
             return table, 0.0
     key = hashlib.sha256(json.dumps([sorted(want), params.quant.dtype,
-                                     dataclasses.asdict(params.measure), tokens]).encode())
+                                     dataclasses.asdict(params.measure), tokens]
+                                    + ([str(ctx.mixq_model_dir)]
+                                       if ctx.mixq_model_dir != ctx.model_dir else [])).encode())
     path = ctx.work / f"sensitivity-{key.hexdigest()[:12]}.json"
     if path.exists():
         record = json.loads(path.read_text())
         return record["table"], record["seconds"]
     quant = dataclasses.replace(params.quant, candidates=list(menu))
     t = time.perf_counter()
-    table = measure_sensitivity(ctx.model_dir, ctx.calibration_dir, quant, params.measure)
+    table = measure_sensitivity(ctx.mixq_model_dir, ctx.calibration_dir, quant, params.measure)
     seconds = time.perf_counter() - t
     path.write_text(json.dumps({"table": table, "seconds": seconds}))
     log.info("sensitivity for %s measured in %.0f s", sorted(want), seconds)
@@ -404,7 +410,7 @@ def produce_mixq(ctx: Context, table: dict, menu, target: float, params, refine:
     refine_fn = refine_available() if refine else None
     converted = out.parent / f"{out.name}.unrefined" if refine_fn else out
     shutil.rmtree(converted, ignore_errors=True)
-    report = write_checkpoint(ctx.model_dir, converted, plan, table, quant.dtype)
+    report = write_checkpoint(ctx.mixq_model_dir, converted, plan, table, quant.dtype)
     s = plan["summary"]
     extra = {"predicted_kl": s["predicted_kl"], "plan_bpw": s["bpw"], "verified": report,
              "layers": {n: v["layers"] for n, v in s["candidates"].items()}}
@@ -697,6 +703,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     p.add_argument("--only", nargs="*", default=[], help="fnmatch patterns of names to build")
     p.add_argument("--skip", nargs="*", default=[], help="fnmatch patterns of names to skip")
     p.add_argument("--no-mixq", action="store_true")
+    p.add_argument("--mixq-model", type=Path, default=None,
+                   help="the model mixq measures and converts, e.g. outputs/scaled-model (the "
+                        "awq-scale stage's; default: --model); KLs stay against --model")
     p.add_argument("--dwq-steps", type=int, default=0,
                    help="build dwq with this many steps (0: only time one step)")
     p.add_argument("--force-calibration-text", action="store_true")
@@ -719,7 +728,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     params = load_params(args.params)
     set_budget(params.memory.logits_gb)
     args.work.mkdir(parents=True, exist_ok=True)
-    ctx = Context(args.model, args.calibration, args.work)
+    ctx = Context(args.model, args.calibration, args.work, args.mixq_model)
     text_sha = write_calibration_text(args.calibration, args.model, args.force_calibration_text)
     sources = {s: args.calibration for s in available_splits(args.calibration)}
     if args.heldout_other and "heldout_other" not in sources:
@@ -778,6 +787,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             series_name = "mixq-" + tag.replace("/", "-") if any(
                 c.mode != "affine" or c.group_size != 64 for c in menu) else \
                 "mixq-" + tag.replace("/", "")  # mixq-3468 for the affine g64 menus
+            if ctx.mixq_model_dir != ctx.model_dir:
+                series_name += "-awq"
+                tag += " +awq-scale"
             if not selected(series_name, args.only, args.skip):
                 continue
             table, table_seconds = sensitivity_table(ctx, menu, params, args.sensitivity)
@@ -787,7 +799,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                     record = build(name, args.work, lambda out, target=target: produce_mixq(
                         ctx, table, menu, target, params, args.mixq_refine, out))
                     scores = scorer.score(args.work / name)
-                except FileNotFoundError as e:
+                except FileNotFoundError:
                     if not args.cached_only:
                         raise
                     not_built.append(name)
