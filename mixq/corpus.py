@@ -145,9 +145,10 @@ def code_definitions(path: Path) -> tuple[str, ...]:
     return tuple(found)
 
 
-def code_documents(rng: random.Random) -> Iterator[dict]:
-    """One whole function or class per stdlib source file, files and picks in seeded order."""
-    sources = stdlib_sources()
+def code_documents(rng: random.Random, sources: list[Path] | None = None) -> Iterator[dict]:
+    """One whole function or class per source file (default: the stdlib's), files and picks
+    in seeded order."""
+    sources = stdlib_sources() if sources is None else sources
     rng.shuffle(sources)
     for path in sources:
         definitions = code_definitions(path)
@@ -207,11 +208,6 @@ def other_source_documents(source: str) -> Iterator[dict]:
         rng.shuffle(sections)
         yield from ({"text": s} for s in sections)
     elif source == "library_code":
-        sources = package_sources()
-        rng.shuffle(sources)
-        for path in sources:
-            definitions = code_definitions(path)
-            if definitions:
-                yield {"text": rng.choice(definitions)}
+        yield from code_documents(rng, package_sources())
     else:
         raise ValueError(f"unknown other source {source!r} (known: {', '.join(OTHER_SOURCES)})")
